@@ -1,0 +1,261 @@
+"""The aiohttp application: middlewares, routes, and what lives as long as the app.
+
+A request's route through the middlewares, in the order they run:
+
+    1. request_context  request id (x-request-id), contextvars, RequestContext; in `finally`
+                        the request's metrics and its one canonical log line
+    2. errors           GatewayError and aiohttp's HTTP errors -> OpenAI-shaped JSON
+    3. draining         after SIGTERM: 503 for new /v1 requests (readiness already false)
+    4. authenticate     /v1/* needs a gateway key unless auth is off; PUBLIC_PATHS are the
+                        explicit allow-list of unauthenticated routes
+    5. handler          /v1/models, or proxy.handle for every other /v1/* path
+
+Everything with a lifetime (upstream sessions, the in-process simulator, tokenizers, the
+limiter) is created and closed in `cleanup_ctx`, in `_lifespan`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from .auth import Authenticator
+from .components import COMPONENTS, CTX, TEAM, Components
+from .config import Settings
+from .context import RequestContext
+from .errors import (
+    BadRequest,
+    GatewayError,
+    ModelNotFound,
+    RequestTooLarge,
+    ServiceUnavailable,
+    error_response,
+)
+from .limits import InflightGate, create_limiter
+from .metrics import GatewayMetrics
+from .proxy import handle
+from .routing import Router
+from .tokens import Tokenizer, load_tokenizer
+from .upstream import UpstreamClient, create_client
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = structlog.get_logger("gateway")
+
+
+def create_app(
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    exposition: CollectorRegistry | None = None,
+) -> web.Application:
+    """The gateway app. Metrics go into `registry`; `/metrics` serves `exposition` (a
+    multiprocess collector under --workers), by default the same registry."""
+    app = web.Application(
+        middlewares=[request_context, errors, draining, authenticate],
+        client_max_size=settings.max_request_bytes,
+        handler_args={"max_field_size": 16384},
+    )
+    registry = registry if registry is not None else CollectorRegistry()
+    app.cleanup_ctx.append(_lifespan(settings, registry))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(exposition or registry))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_route("*", "/v1/{tail:.*}", handle)
+    app.on_response_prepare.append(_add_request_id)
+    return app
+
+
+def _lifespan(
+    settings: Settings, registry: CollectorRegistry
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        sims, upstreams = await _start_upstreams(settings)
+        names = {route.tokenizer for route in settings.routes}
+        tokenizers: dict[str, Tokenizer] = {
+            name: await asyncio.to_thread(load_tokenizer, name) for name in names
+        }
+        limits = settings.limits
+        limiter = create_limiter(limits.backend, limits.redis_url, limits.on_backend_error)
+        metrics = GatewayMetrics(registry)
+        app[COMPONENTS] = Components(
+            settings=settings,
+            metrics=metrics,
+            router=Router(settings),
+            auth=Authenticator(settings),
+            tokenizers=tokenizers,
+            upstreams=upstreams,
+            limiter=limiter,
+            inflight=InflightGate(limits.max_inflight, limits.queue_timeout_s),
+        )
+        watcher = asyncio.create_task(_watch_limiter(app[COMPONENTS]))
+        if not settings.auth_enabled:
+            log.warning("auth_disabled", reason="no teams configured: every request is anonymous")
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await limiter.aclose()
+            for client in upstreams.values():
+                await client.aclose()
+            for runner in sims:
+                await runner.cleanup()
+
+    return lifespan
+
+
+async def _start_upstreams(
+    settings: Settings,
+) -> tuple[list[web.AppRunner], dict[str, UpstreamClient]]:
+    from .sim import SimDefaults, start_sim
+
+    sims: list[web.AppRunner] = []
+    clients: dict[str, UpstreamClient] = {}
+    for name, upstream in settings.upstreams.items():
+        base_url = upstream.base_url
+        if upstream.simulator is not None:
+            options = SimDefaults(
+                chunks=upstream.simulator.chunks,
+                delay_ms=upstream.simulator.delay_ms,
+                ttft_ms=upstream.simulator.ttft_ms,
+            )
+            runner, port = await start_sim("127.0.0.1", 0, options)
+            sims.append(runner)
+            base_url = f"http://127.0.0.1:{port}/v1"
+        assert base_url is not None  # config check: base_url or simulator
+        clients[name] = create_client(name, upstream, base_url)
+    return sims, clients
+
+
+async def _watch_limiter(comp: Components) -> None:
+    """Mirror the limiter's degraded state into its gauge."""
+    while True:
+        comp.metrics.limits_degraded.set(1 if comp.limiter.degraded else 0)
+        await asyncio.sleep(1)
+
+
+# -- middlewares, in the order they run -------------------------------------------------------
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    ctx = RequestContext(request_id=request_id, started=loop.time())
+    request[CTX] = ctx
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await handler(request)
+        ctx.status = ctx.status or response.status
+        return response
+    except asyncio.CancelledError:
+        ctx.end = "client_disconnect"
+        raise
+    finally:
+        _account(request, ctx, (loop.time() - ctx.started) * 1000.0)
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _account(request: web.Request, ctx: RequestContext, duration_ms: float) -> None:
+    comp = request.app.get(COMPONENTS)
+    if comp is not None:
+        comp.metrics.requests.labels(ctx.team, ctx.model, ctx.upstream, str(ctx.status)).inc()
+    log.info("request", method=request.method, path=request.path, **ctx.log_fields(duration_ms))
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx: RequestContext = request[CTX]
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return _error(ctx, error)
+    except web.HTTPException as exc:
+        return _error(ctx, _from_http_exception(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled_error")
+        return _error(ctx, GatewayError("The gateway failed to handle this request."))
+
+
+def _error(ctx: RequestContext, error: GatewayError) -> web.Response:
+    ctx.status = error.status
+    ctx.error_code = error.code
+    if ctx.end == "completed":
+        ctx.end = "upstream_error" if error.reason is not None else "rejected"
+    return error_response(error)
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge("The request body is too large.")
+    if exc.status == 404:
+        return ModelNotFound(f"Unknown path: {exc.reason}", code="not_found")
+    error = BadRequest(exc.reason or "Bad request", code=f"http_{exc.status}")
+    error.status = exc.status
+    return error
+
+
+@web.middleware
+async def draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    comp = request.app[COMPONENTS]
+    if comp.lifecycle.draining and request.path not in PUBLIC_PATHS:
+        raise ServiceUnavailable(
+            "The gateway is shutting down; retry on another replica.",
+            code="draining",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+    return await handler(request)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in PUBLIC_PATHS:
+        team = request.app[COMPONENTS].auth.team_for(request.headers.get("Authorization"))
+        if team is not None:
+            request[TEAM] = team
+            request[CTX].team = team.name
+    return await handler(request)
+
+
+# -- handlers that are not the proxy ----------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, dumps=_dumps)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[COMPONENTS].lifecycle.draining:
+        return web.json_response({"status": "draining"}, status=503, dumps=_dumps)
+    return web.json_response({"status": "ready"}, dumps=_dumps)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = request.app[COMPONENTS].router.listed_models()
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "gateway"} for m in models]
+    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+def _dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    ctx: RequestContext | None = request.get(CTX)
+    if ctx is not None:
+        response.headers["x-request-id"] = ctx.request_id

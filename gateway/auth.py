@@ -1,0 +1,50 @@
+"""Gateway keys to teams.
+
+Keys are held only as SHA-256 digests (plaintext keys from the configuration are hashed at
+start-up). A presented key is hashed and compared against every digest with
+`hmac.compare_digest`, without stopping at the first match, so timing tells nothing about which
+key or team is near.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from .config import Settings, Team, team_key_digests
+from .errors import Unauthorized
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.auth_enabled
+        self._digests: list[tuple[bytes, Team]] = [
+            (bytes.fromhex(digest), team)
+            for team in settings.teams
+            for digest in team_key_digests(team)
+        ]
+
+    def team_for(self, authorization: str | None) -> Team | None:
+        """The team a request belongs to; None when auth is off. Raises Unauthorized."""
+        if not self.enabled:
+            return None
+        key = _bearer(authorization)
+        presented = hashlib.sha256(key.encode()).digest()
+        found: Team | None = None
+        for digest, team in self._digests:
+            if hmac.compare_digest(digest, presented):
+                found = team
+        if found is None:
+            raise Unauthorized("Incorrect API key provided.")
+        return found
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+        )
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("The Authorization header must be 'Bearer <key>'.")
+    return key.strip()

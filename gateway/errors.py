@@ -1,0 +1,105 @@
+"""The gateway's exception tree, and its one mapping to OpenAI-shaped errors.
+
+    GatewayError                      any error the client is told about
+    ├── BadRequest                    400 invalid_request_error (malformed JSON, no model...)
+    ├── Unauthorized                  401 invalid_api_key
+    ├── ModelNotFound                 404 model_not_found
+    ├── RequestTooLarge               413 request_too_large
+    ├── RateLimitExceeded             429 rate_limit_exceeded (+ Retry-After, x-ratelimit-*)
+    ├── UpstreamError                 502 upstream_error: unreachable, reset, bad answer
+    ├── ServiceUnavailable            503 (pool or queue exhausted, draining, limits backend down)
+    └── UpstreamTimeout               504 upstream_timeout
+
+Before a stream starts, `error_response` turns any of these into `{"error": {"message", "type",
+"param", "code"}}` with its status. Once a stream has started, `sse_error_event` gives the one
+`data: {"error": ...}` event that ends it, so SDK clients raise instead of returning half an
+answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    #: which label of gateway_upstream_errors_total this error counts under, when it is one
+    reason: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+        if code is not None:
+            self.code = code
+        if reason is not None:
+            self.reason = reason
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RequestTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class RateLimitExceeded(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError):
+    status, type, code, reason = 502, "upstream_error", "upstream_error", "connect"
+
+
+class ServiceUnavailable(GatewayError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code, reason = 504, "timeout_error", "upstream_timeout", "timeout"
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(error.body()),
+        content_type="application/json",
+        headers=error.headers,
+    )
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    return b"data: " + orjson.dumps(error.body()) + b"\n\n"

@@ -1,0 +1,314 @@
+"""The accounting side of one proxied request: admission, live token counts, settlement.
+
+An `Exchange` is created at admission (prompt estimate, token reservation, team limits),
+hands the relay its plan (meter, live counters, budget check), and settles at the end: the
+final tally (the upstream's usage when it sent one), the metrics that only the end knows, and
+the unused token reservation returned to the limiter. Metric children are looked up once per
+request, never per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import Counter
+
+from .accounting import JsonMeter, StreamMeter, Tally
+from .config import Team
+from .context import RequestContext
+from .errors import GatewayError, RateLimitExceeded, ServiceUnavailable
+from .limits import Admission, BackendUnavailable, LimitSpec, RateLimited
+from .metrics import finish_reason_label
+from .relay import RelayPlan, RelayResult
+from .routing import RouteMatch
+from .tokens import Tokenizer, estimate_prompt_tokens
+
+if TYPE_CHECKING:
+    from .components import Components
+    from .upstream import Opened
+
+ESTIMATE_IN_THREAD_BYTES = 64 * 1024
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class LiveCount:
+    """The meter's sink: counts tokens into the metrics as they pass, charges the limiter."""
+
+    __slots__ = ("_admission", "_completion", "_reasoning", "completion", "over", "reasoning")
+
+    def __init__(self, completion: Any, reasoning: Any, admission: Admission | None) -> None:
+        self._completion, self._reasoning, self._admission = completion, reasoning, admission
+        self.completion = self.reasoning = 0
+        self.over = False
+
+    def add(self, completion: int, reasoning: int) -> None:
+        self.completion += completion
+        self._completion.inc(completion)
+        if reasoning:
+            self.reasoning += reasoning
+            self._reasoning.inc(reasoning)
+        if self._admission is not None and self._admission.charge(completion):
+            self.over = True
+
+
+class Exchange:
+    def __init__(
+        self,
+        comp: Components,
+        ctx: RequestContext,
+        match: RouteMatch,
+        prompt_estimate: int,
+        admissions: list[Admission],
+    ) -> None:
+        self.comp, self.ctx, self.match = comp, ctx, match
+        self.prompt_estimate = prompt_estimate
+        self.admissions = admissions
+        self.tokenizer: Tokenizer = comp.tokenizers[match.route.tokenizer]
+        self.meter: StreamMeter | JsonMeter | None = None
+        self.live: LiveCount | None = None
+        self.injected = False
+        self._stream_started: float | None = None
+        self._settled = False
+
+    # -- admission ---------------------------------------------------------------------------
+
+    @classmethod
+    async def admit(
+        cls,
+        comp: Components,
+        ctx: RequestContext,
+        team: Team | None,
+        match: RouteMatch,
+        doc: dict[str, Any] | None,
+        body: bytes,
+    ) -> Exchange:
+        tokenizer = comp.tokenizers[match.route.tokenizer]
+        estimate = await _estimate(doc, body, tokenizer)
+        admissions: list[Admission] = []
+        if team is not None:
+            reserve = estimate + _max_tokens(doc, comp.settings.limits.default_max_tokens)
+            admissions = await _admit_team(comp, ctx, team, match, reserve, estimate)
+        return cls(comp, ctx, match, estimate, admissions)
+
+    @property
+    def limit_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for admission in self.admissions:
+            headers.update(admission.headers)
+        return headers
+
+    def injected_body(self, doc: dict[str, Any] | None) -> bytes | None:
+        """With `usage: inject`, the body asking upstream for include_usage (None if not needed)."""
+        if doc is None or doc.get("stream") is not True:
+            return None
+        options = doc.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return None
+        if not any(
+            self.comp.upstreams[name].settings.usage == "inject"
+            for name in self.match.route.upstreams
+        ):
+            return None
+        merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return orjson.dumps({**doc, "stream_options": merged})
+
+    def on_upstream_error(self, upstream: str, reason: str) -> None:
+        self.comp.metrics.upstream_errors.labels(upstream, reason).inc()
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    async def prepare_stream(
+        self, request: web.Request, status: int, headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.headers.update(self.limit_headers)
+        if self.ctx.stream:
+            resp.headers.update(SSE_HEADERS)
+        self.ctx.status = status
+        await resp.prepare(request)
+        return resp
+
+    def relay_plan(self, opened: Opened) -> RelayPlan:
+        comp, ctx = self.comp, self.ctx
+        content_type = opened.response.headers.get("Content-Type", "")
+        sse = content_type.startswith("text/event-stream")
+        ctx.stream = sse
+        now = asyncio.get_running_loop().time()
+        ctx.ttft_ms = (now - ctx.started) * 1000.0
+        self._stream_started = now
+        cut = comp.settings.limits.on_token_budget_exceeded == "cut"
+        plan = RelayPlan(observer=None, write_stall_s=comp.settings.limits.write_stall_timeout_s)
+        plan.sse = sse
+        if sse:
+            comp.metrics.ttft.labels(ctx.model, opened.upstream.name).observe(ctx.ttft_ms / 1000)
+            comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
+            plan.on_chunk_gap = comp.metrics.inter_chunk.labels(ctx.model).observe
+        if not self.match.route.accounting:
+            return plan
+        tokens = comp.metrics.tokens
+        self.live = LiveCount(
+            tokens.labels(ctx.team, ctx.model, "completion"),
+            tokens.labels(ctx.team, ctx.model, "reasoning"),
+            self.admissions[0] if self.admissions else None,
+        )
+        if sse:
+            meter = StreamMeter(self.tokenizer, self.live, self.prompt_estimate)
+            self.meter = meter
+            if self.injected_body_sent(opened):
+                plan.frame_filter = meter
+            else:
+                plan.observer = meter
+            if cut and self.admissions:
+                live = self.live
+                plan.over_budget = lambda: live.over
+        else:
+            self.meter = JsonMeter(self.tokenizer, self.prompt_estimate)
+            plan.observer = self.meter
+        return plan
+
+    def injected_body_sent(self, opened: Opened) -> bool:
+        if opened.upstream.settings.usage != "inject" or not self.ctx.stream:
+            return False
+        self.injected = True
+        return True
+
+    def finish(self, result: RelayResult) -> None:
+        self.ctx.end = result.outcome
+        if result.error is not None:
+            self.fail(result.error)
+
+    def fail(self, error: GatewayError) -> None:
+        """An error after the client got its first bytes (it was sent as an SSE event)."""
+        self.ctx.error_code = error.code
+        if self.ctx.end == "completed":
+            self.ctx.end = "upstream_error"
+        if error.reason is not None:
+            self.comp.metrics.upstream_errors.labels(self.ctx.upstream, error.reason).inc()
+
+    # -- settlement ---------------------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Final tally, end-of-request metrics, and the limiter's unused reservation returned."""
+        if self._settled:
+            return
+        self._settled = True
+        tally = self.meter.finish() if self.meter is not None else None
+        if tally is not None:
+            self._record(tally)
+        self._record_stream_end()
+        used = self.ctx.prompt_tokens + self.ctx.completion_tokens
+        for admission in self.admissions:
+            await admission.settle(used if tally is not None else self.prompt_estimate)
+
+    def _record(self, tally: Tally) -> None:
+        ctx, metrics = self.ctx, self.comp.metrics
+        ctx.prompt_tokens = tally.prompt_tokens
+        ctx.completion_tokens = tally.completion_tokens
+        ctx.reasoning_tokens = tally.reasoning_tokens
+        ctx.usage_source = tally.usage_source
+        ctx.chunks = tally.chunks
+        ctx.finish_reason = tally.finish_reason
+        tokens = metrics.tokens
+        tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
+        live_completion = self.live.completion if self.live else 0
+        live_reasoning = self.live.reasoning if self.live else 0
+        _inc_by_missing(
+            tokens.labels(ctx.team, ctx.model, "completion"),
+            tally.completion_tokens,
+            live_completion,
+        )
+        _inc_by_missing(
+            tokens.labels(ctx.team, ctx.model, "reasoning"), tally.reasoning_tokens, live_reasoning
+        )
+        for reason in tally.finish_reasons or (None,):
+            metrics.finish_reasons.labels(ctx.model, finish_reason_label(reason)).inc()
+        if tally.usage_source == "upstream":
+            metrics.usage_estimated.labels(ctx.model).inc(tally.estimated_completion)
+            metrics.usage_upstream.labels(ctx.model).inc(tally.completion_tokens)
+        if tally.decode_errors:
+            metrics.decode_errors.labels(ctx.model).inc(tally.decode_errors)
+
+    def _record_stream_end(self) -> None:
+        if self._stream_started is None or not self.ctx.stream:
+            return
+        ctx, metrics = self.ctx, self.comp.metrics
+        metrics.active_streams.labels(ctx.team, ctx.model).dec()
+        duration = asyncio.get_running_loop().time() - ctx.started
+        metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
+        if ctx.end == "client_disconnect":
+            metrics.client_disconnects.labels(ctx.team, ctx.model).inc()
+
+
+def _inc_by_missing(counter: Counter, final: int, counted: int) -> None:
+    """Counters only grow: add what the live count missed (an overcount stays, as drift)."""
+    if final > counted:
+        counter.inc(final - counted)
+
+
+async def _estimate(doc: dict[str, Any] | None, body: bytes, tokenizer: Tokenizer) -> int:
+    if doc is None:
+        return 0
+    if len(body) > ESTIMATE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(estimate_prompt_tokens, doc, tokenizer)
+    return estimate_prompt_tokens(doc, tokenizer)
+
+
+def _max_tokens(doc: dict[str, Any] | None, default: int) -> int:
+    if doc is None:
+        return 0
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = doc.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+async def _admit_team(
+    comp: Components,
+    ctx: RequestContext,
+    team: Team,
+    match: RouteMatch,
+    reserve: int,
+    prompt_tokens: int,
+) -> list[Admission]:
+    """The team's limits, then the team's limits for this model, if any; all or nothing."""
+    specs = [(f"team:{team.name}", team.limits)]
+    model_limits = team.model_limits.get(match.label)
+    if model_limits is not None:
+        specs.append((f"team:{team.name}:model:{match.label}", model_limits))
+    admissions: list[Admission] = []
+    try:
+        for key, limits in specs:
+            spec = LimitSpec(
+                requests_per_minute=limits.requests_per_minute,
+                tokens_per_minute=limits.tokens_per_minute,
+                concurrent_streams=limits.concurrent_streams,
+            )
+            admissions.append(
+                await comp.limiter.admit(
+                    key, spec, reserve, ctx.stream, prompt_tokens=prompt_tokens
+                )
+            )
+    except RateLimited as limited:
+        await _release(admissions)
+        comp.metrics.rate_limited.labels(ctx.team, limited.limit).inc()
+        ctx.end = "limit"
+        raise RateLimitExceeded(str(limited), headers=limited.headers) from None
+    except BackendUnavailable:
+        await _release(admissions)
+        ctx.end = "limit"
+        raise ServiceUnavailable(
+            "The shared limits backend is unreachable.",
+            code="limits_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+    return admissions
+
+
+async def _release(admissions: list[Admission]) -> None:
+    for admission in admissions:
+        await admission.settle(0)

@@ -1,0 +1,124 @@
+"""Every Prometheus metric the gateway exports, in one class that takes a registry.
+
+Names and labels are the contract of DESIGN.md. Labels are bounded: `team` is a configured
+team or `anonymous`, `model` is a configured model name or route pattern or `other` (see
+`routing.Router.model_label`), `code`, `reason`, `limit` and `type` come from fixed sets.
+Tests build a fresh `CollectorRegistry` each; the app builds one per process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+INTER_CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by final HTTP status code.",
+            ["team", "model", "upstream", "code"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens, counted while streams run (prompt, completion, reasoning).",
+            ["team", "model", "type"],
+            registry=registry,
+        )
+        self.active_streams = Gauge(
+            "gateway_active_streams",
+            "Streams being relayed now.",
+            ["team", "model"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "From the request's arrival to the first upstream body byte sent to the client.",
+            ["model", "upstream"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_chunk = Histogram(
+            "gateway_inter_chunk_seconds",
+            "Time between two upstream reads relayed within a stream.",
+            ["model"],
+            buckets=INTER_CHUNK_BUCKETS,
+            registry=registry,
+        )
+        self.stream_duration = Histogram(
+            "gateway_stream_duration_seconds",
+            "From the request's arrival to the end of the stream.",
+            ["model", "upstream"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused by a limit (requests, tokens, concurrency, inflight).",
+            ["team", "limit"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures, by reason.",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self.finish_reasons = Counter(
+            "gateway_finish_reason",
+            "Choices finished, by finish_reason (none when a stream ended without one).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects",
+            "Streams whose client went away before the end.",
+            ["team", "model"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_requests",
+            "Requests being handled now (admitted past max_inflight).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.limits_degraded = Gauge(
+            "gateway_limits_backend_degraded",
+            "1 while the shared limits backend is unreachable.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.usage_estimated = Counter(
+            "gateway_usage_estimated_tokens",
+            "Completion tokens the gateway counted, on requests whose upstream reported usage.",
+            ["model"],
+            registry=registry,
+        )
+        self.usage_upstream = Counter(
+            "gateway_usage_upstream_tokens",
+            "Completion tokens the upstream reported, on the same requests.",
+            ["model"],
+            registry=registry,
+        )
+        self.decode_errors = Counter(
+            "gateway_sse_decode_errors",
+            "Upstream SSE events whose data was not valid JSON (relayed unchanged).",
+            ["model"],
+            registry=registry,
+        )
+
+
+FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+
+
+def finish_reason_label(reason: str | None) -> str:
+    """Bound the finish_reason label: known values pass, anything else is `other`."""
+    if reason is None:
+        return "none"
+    return reason if reason in FINISH_REASONS else "other"

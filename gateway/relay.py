@@ -1,0 +1,177 @@
+"""The relay: upstream bytes to the client, unchanged, as they arrive.
+
+Each piece read from the upstream (`readany`, never line iteration: a 1 MiB `data:` line must
+pass) is written to the client at once, and only then handed to the observer: accounting
+parses a copy and never changes what is sent. The write is awaited, so a slow client slows its
+own upstream read through TCP backpressure and nothing queues in between; a client that reads
+nothing for `write_stall_s` is cut off.
+
+The relay decides nothing about tokens or limits: it reports how the stream ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from .errors import GatewayError, RateLimitExceeded, UpstreamError, UpstreamTimeout, sse_error_event
+from .sse import ServerSentEvent, SSEDecoder
+
+#: past this many bytes waiting in the client's socket buffer, a write may block: bound it
+STALL_CHECK_BYTES = 64 * 1024
+
+Outcome = Literal["completed", "client_disconnect", "upstream_error", "limit"]
+Write = Callable[[bytes], Awaitable[None]]
+
+
+class Observer(Protocol):
+    def feed(self, chunk: bytes) -> None: ...
+
+
+class FrameFilter(Protocol):
+    """For `usage: inject`: sees each decoded event, says which one not to send."""
+
+    def feed_event(self, event: ServerSentEvent) -> None: ...
+    def is_usage_only(self, event: ServerSentEvent) -> bool: ...
+
+
+@dataclass(slots=True)
+class RelayPlan:
+    observer: Observer | None
+    write_stall_s: float
+    #: called with the time between two upstream reads
+    on_chunk_gap: Callable[[float], None] | None = None
+    #: inject mode: the relay writes whole frames and drops the usage-only one
+    frame_filter: FrameFilter | None = None
+    #: polled after each chunk: True ends the stream with an SSE error event (token budget)
+    over_budget: Callable[[], bool] | None = None
+    #: an SSE stream: failures end it with an SSE error event
+    sse: bool = True
+    #: the client's transport, to see when its socket buffer fills (a stalled reader)
+    client_transport: asyncio.WriteTransport | None = None
+
+
+@dataclass(slots=True)
+class RelayResult:
+    outcome: Outcome
+    error: GatewayError | None = None
+
+
+class ClientGone(Exception):
+    """The client closed its connection or stopped reading for too long."""
+
+
+class _Ended(Exception):
+    def __init__(self, outcome: Outcome, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.outcome, self.error = outcome, error
+
+
+async def pump(
+    resp: web.StreamResponse, content: aiohttp.StreamReader, first: bytes, plan: RelayPlan
+) -> RelayResult:
+    """Relay until the upstream body ends; turn every way it can end into a result."""
+    try:
+        await _loop(resp, content, first, plan)
+    except ClientGone:
+        return RelayResult("client_disconnect")
+    except _Ended as ended:
+        if plan.sse:
+            with contextlib.suppress(ClientGone):
+                await _guarded_write(resp, plan)(sse_error_event(ended.error))
+        return RelayResult(ended.outcome, ended.error)
+    return RelayResult("completed")
+
+
+async def _loop(
+    resp: web.StreamResponse, content: aiohttp.StreamReader, first: bytes, plan: RelayPlan
+) -> None:
+    write = _guarded_write(resp, plan)
+    frames = _FrameWriter(write, plan.frame_filter) if plan.frame_filter else None
+    if frames is not None:
+        write = frames.write
+    feed = plan.observer.feed if plan.observer is not None else None
+    gap, over = plan.on_chunk_gap, plan.over_budget
+    clock = asyncio.get_running_loop().time
+    last = clock()
+    chunk = first
+    while chunk:
+        await write(chunk)
+        if feed is not None:
+            feed(chunk)
+        if over is not None and over():
+            raise _Ended("limit", _budget_error())
+        chunk = await _read(content)
+        if gap is not None:
+            now = clock()
+            gap(now - last)
+            last = now
+    if frames is not None:
+        await frames.flush()
+
+
+def _guarded_write(resp: web.StreamResponse, plan: RelayPlan) -> Write:
+    """resp.write, with a client that stopped reading turned into ClientGone after stall_s."""
+    transport, stall_s = plan.client_transport, plan.write_stall_s
+
+    async def write(chunk: bytes) -> None:
+        try:
+            if transport is not None and transport.get_write_buffer_size() > STALL_CHECK_BYTES:
+                async with asyncio.timeout(stall_s):
+                    await resp.write(chunk)
+            else:
+                await resp.write(chunk)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise ClientGone from exc
+
+    return write
+
+
+class _FrameWriter:
+    """Writes whole SSE frames, leaving out the usage-only event the gateway asked for."""
+
+    def __init__(self, write: Write, frames: FrameFilter) -> None:
+        self._write, self._filter, self._decoder = write, frames, SSEDecoder()
+
+    async def write(self, chunk: bytes) -> None:
+        for raw, event in self._decoder.feed_frames(chunk):
+            if event is not None:
+                self._filter.feed_event(event)
+                if self._filter.is_usage_only(event):
+                    continue
+            await self._write(raw)
+
+    async def flush(self) -> None:
+        """Bytes after the last frame (a stream without its final blank line) still go out."""
+        rest = self._decoder.pending_raw
+        for event in self._decoder.flush():
+            self._filter.feed_event(event)
+        if rest:
+            await self._write(rest)
+
+
+async def _read(content: aiohttp.StreamReader) -> bytes:
+    try:
+        return await content.readany()
+    except (aiohttp.SocketTimeoutError, TimeoutError):
+        error: GatewayError = UpstreamTimeout(
+            "The upstream went silent in the middle of the stream.", reason="idle_timeout"
+        )
+        raise _Ended("upstream_error", error) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
+        error = UpstreamError(
+            f"The upstream broke off the stream ({exc.__class__.__name__}).", reason="reset"
+        )
+        raise _Ended("upstream_error", error) from exc
+
+
+def _budget_error() -> GatewayError:
+    return RateLimitExceeded(
+        "The team's token budget ran out during this stream.", code="token_budget_exceeded"
+    )

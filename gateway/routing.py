@@ -1,0 +1,51 @@
+"""Which route serves a model name, and the bounded label the metrics use for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from .config import Route, Settings
+
+OTHER_MODEL = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route: Route
+    #: the metric label: the model name when the route lists it exactly, else the pattern
+    label: str
+
+
+class Router:
+    """First matching route wins; patterns are shell-style (`sim-*`), case-sensitive."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._routes = settings.routes
+
+    def match(self, model: str) -> RouteMatch | None:
+        for route in self._routes:
+            for pattern in route.models:
+                if pattern == model:
+                    return RouteMatch(route, model)
+                if not _literal(pattern) and fnmatchcase(model, pattern):
+                    return RouteMatch(route, pattern)
+        return None
+
+    def model_label(self, model: str | None) -> str:
+        if model is None:
+            return OTHER_MODEL
+        found = self.match(model)
+        return found.label if found else OTHER_MODEL
+
+    def listed_models(self) -> list[str]:
+        """The model ids `GET /v1/models` shows: every exact name and every pattern, in order."""
+        seen: dict[str, None] = {}
+        for route in self._routes:
+            for pattern in route.models:
+                seen.setdefault(pattern, None)
+        return list(seen)
+
+
+def _literal(pattern: str) -> bool:
+    return not any(ch in pattern for ch in "*?[")

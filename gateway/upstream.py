@@ -1,0 +1,287 @@
+"""Upstream pools, and opening a request on a route with failover before the first byte.
+
+One `aiohttp.ClientSession` per upstream per process, with a bounded connector, explicit
+connect and idle-read timeouts and no total timeout (a stream may last an hour). A semaphore of
+`max_connections` slots bounds the wait for a pool connection: past `pool_timeout_s` the
+request gets a 503 instead of queueing without end.
+
+`open_on_route` tries the route's upstreams in order and returns once an upstream answered
+with headers AND its first body bytes (or a complete non-2xx answer): until then nothing has
+reached the client, so a connect error, a reset, a 5xx or a 429 may move on to the next
+upstream. After that, never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import Upstream
+from .errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+
+#: request headers never forwarded upstream: hop-by-hop, the client's own credentials, and the
+#: ones the client session computes itself
+DROP_REQUEST_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Content-Length",
+        "Accept-Encoding", "Cookie", "Expect", "Api-Key", "X-Api-Key",
+    )
+)  # fmt: skip
+
+#: response headers never forwarded to the client
+DROP_RESPONSE_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length", "Content-Encoding",
+        "Set-Cookie", "Date", "Server",
+    )
+)  # fmt: skip
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(slots=True)
+class UpstreamClient:
+    """One upstream: its pool, its key, and how to reach it."""
+
+    name: str
+    settings: Upstream
+    base_url: URL
+    session: aiohttp.ClientSession
+    slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.settings.max_connections)
+
+    def url_for(self, tail: str, query: str) -> URL:
+        """The upstream URL for the `/v1/<tail>` path a client asked for."""
+        url = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail, encoded=True)
+        return url.with_query(query) if query else url
+
+    def headers_for(self, client_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+        headers = CIMultiDict(
+            (k, v) for k, v in client_headers.items() if k.lower() not in DROP_REQUEST_HEADERS
+        )
+        headers["Accept-Encoding"] = "identity"
+        headers["X-Request-Id"] = request_id
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        return headers
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClient:
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        limit_per_host=0,
+        keepalive_timeout=30,
+        enable_cleanup_closed=False,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=None,
+        sock_connect=settings.connect_timeout_s,
+        sock_read=settings.read_idle_timeout_s,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+        raise_for_status=False,
+    )
+    return UpstreamClient(name=name, settings=settings, base_url=URL(base_url), session=session)
+
+
+@dataclass(slots=True)
+class Opened:
+    """An upstream answer whose headers and first body bytes have arrived."""
+
+    upstream: UpstreamClient
+    response: aiohttp.ClientResponse
+    first_chunk: bytes
+    _slot_held: bool = True
+
+    def release(self) -> None:
+        """Return the connection to the pool (or close it if the body was not read to its end)."""
+        self.response.release()
+        if self._slot_held:
+            self._slot_held = False
+            self.upstream.slots.release()
+
+    def close(self) -> None:
+        """Drop the connection: the client went away or the stream failed mid-way."""
+        self.response.close()
+        if self._slot_held:
+            self._slot_held = False
+            self.upstream.slots.release()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    tail: str
+    query: str
+    body: bytes
+    headers: Mapping[str, str]
+    request_id: str
+    #: the body for upstreams with `usage: inject` (stream_options added), when it differs
+    injected_body: bytes | None = None
+
+    def body_for(self, client: UpstreamClient) -> bytes:
+        if self.injected_body is not None and client.settings.usage == "inject":
+            return self.injected_body
+        return self.body
+
+
+#: called for each failed attempt: (upstream name, reason label)
+OnUpstreamError = Callable[[str, str], None]
+
+
+class _Retryable(Exception):
+    """An attempt that failed before any byte reached the client; the next upstream may serve."""
+
+    def __init__(self, error: GatewayError, opened: Opened | None = None) -> None:
+        self.error, self.opened = error, opened
+
+
+async def open_on_route(
+    clients: Sequence[UpstreamClient],
+    request: UpstreamRequest,
+    on_error: OnUpstreamError,
+) -> Opened:
+    """Try each upstream in order; return the first usable answer, or raise the last error."""
+    last: _Retryable | None = None
+    for attempt, client in enumerate(clients):
+        if last is not None and last.opened is not None:
+            last.opened.close()
+        try:
+            return await _attempt(client, request, is_last=attempt == len(clients) - 1)
+        except _Retryable as failure:
+            on_error(client.name, failure.error.reason or "connect")
+            last = failure
+    assert last is not None  # a route has at least one upstream (config check)
+    if last.opened is not None:
+        return last.opened  # the last upstream's own non-2xx answer, relayed as it is
+    raise last.error
+
+
+async def _attempt(client: UpstreamClient, request: UpstreamRequest, is_last: bool) -> Opened:
+    await _acquire_slot(client)
+    opened: Opened | None = None
+    try:
+        response = await _send(client, request)
+        opened = Opened(client, response, b"")
+        _check_status(opened, is_last)
+        opened.first_chunk = await _first_chunk(opened)
+        return opened
+    except _Retryable as failure:
+        if failure.opened is None and opened is not None:
+            opened.close()
+        elif failure.opened is None:
+            client.slots.release()
+        raise
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        else:
+            client.slots.release()
+        raise
+
+
+async def _acquire_slot(client: UpstreamClient) -> None:
+    try:
+        async with asyncio.timeout(client.settings.pool_timeout_s):
+            await client.slots.acquire()
+    except TimeoutError:
+        raise ServiceUnavailable(
+            f"all {client.settings.max_connections} connections to upstream {client.name!r} "
+            "are busy",
+            code="upstream_pool_exhausted",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def _send(client: UpstreamClient, request: UpstreamRequest) -> aiohttp.ClientResponse:
+    url = client.url_for(request.tail, request.query)
+    headers = client.headers_for(request.headers, request.request_id)
+    try:
+        return await client.session.request(
+            request.method,
+            url,
+            data=request.body_for(client) or None,
+            headers=headers,
+            allow_redirects=False,
+        )
+    except aiohttp.SocketTimeoutError:
+        raise UpstreamTimeout(f"upstream {client.name!r} sent no answer in time") from None
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc.__class__.__name__}")
+        raise _Retryable(error) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        error = UpstreamError(
+            f"upstream {client.name!r} closed the connection before answering", reason="reset"
+        )
+        raise _Retryable(error) from exc
+    except aiohttp.ClientError as exc:
+        error = UpstreamError(
+            f"upstream {client.name!r} failed: {exc.__class__.__name__}", reason="protocol"
+        )
+        raise _Retryable(error) from exc
+
+
+def _check_status(opened: Opened, is_last: bool) -> None:
+    """5xx, 429 and redirects: fail over while another upstream is left."""
+    status = opened.response.status
+    if 300 <= status < 400:
+        error = UpstreamError(
+            f"upstream {opened.upstream.name!r} answered a redirect ({status})", reason="redirect"
+        )
+        raise _Retryable(error)
+    if status >= 500 or status == 429:
+        reason = "status_429" if status == 429 else "status_5xx"
+        error = UpstreamError(f"upstream {opened.upstream.name!r} answered {status}", reason=reason)
+        raise _Retryable(error, None if not is_last else opened)
+
+
+async def _first_chunk(opened: Opened) -> bytes:
+    """Read until the first body bytes (or the end of an empty body)."""
+    try:
+        return await opened.response.content.readany()
+    except (aiohttp.SocketTimeoutError, TimeoutError):
+        raise UpstreamTimeout(f"upstream {opened.upstream.name!r} sent no body in time") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        error = UpstreamError(
+            f"upstream {opened.upstream.name!r} broke off before the body", reason="reset"
+        )
+        raise _Retryable(error) from exc
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers, less hop-by-hop and what aiohttp sets itself."""
+    return CIMultiDict(
+        (k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS
+    )
+
+
+async def read_error_body(opened: Opened) -> bytes:
+    """The rest of a non-2xx answer, bounded (it is relayed or summarised, never streamed)."""
+    body = bytearray(opened.first_chunk)
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        while len(body) < MAX_ERROR_BODY:
+            piece = await opened.response.content.readany()
+            if not piece:
+                break
+            body += piece
+    return bytes(body[:MAX_ERROR_BODY])
