@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install the gateway into it. Idempotent; `--dev` adds test tools.
+# Used by deploy/dev.sh and tests/run.sh, so a fresh clone needs nothing installed by hand.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+stamp=".venv/.installed${extra:+-dev}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extra}"
+  touch "$stamp"
+fi
