@@ -51,6 +51,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("gateway")
+#: the in-process simulators (config `simulator: {}`), for tests that look at what they received
+SIM_RUNNERS = web.AppKey("sim_runners", list[web.AppRunner])
 
 
 def create_app(
@@ -81,6 +83,7 @@ def _lifespan(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         sims, upstreams = await _start_upstreams(settings)
+        app[SIM_RUNNERS] = sims
         names = {route.tokenizer for route in settings.routes}
         tokenizers: dict[str, Tokenizer] = {
             name: await asyncio.to_thread(load_tokenizer, name) for name in names

@@ -62,6 +62,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         exchange = await Exchange.admit(comp, ctx, team, match, parsed.doc, parsed.body)
         try:
             return await _serve(request, comp, exchange, match.route, parsed)
+        except asyncio.CancelledError:  # the client went away (handler cancellation)
+            ctx.end = "client_disconnect"
+            raise
         finally:
             await exchange.settle()
 
