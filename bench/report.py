@@ -1,0 +1,195 @@
+"""The run's report: ratios between targets, a printed table, and the JSON file.
+
+Ratios are only ever taken between rows of the same run, since absolute times drift on a
+shared machine: CPU per event and slow-stream TTFT against nginx, latency against direct,
+capacity with two workers against one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench.loadgen import Percentiles
+from bench.scenarios import Added, CapacityRow, LatencyRow, PacedRow, SlowRow
+
+
+class TargetStatus(msgspec.Struct, kw_only=True):
+    """Whether a target ran, and if not, why (`unavailable`, `unsupported`, `failed`)."""
+
+    name: str
+    status: str
+    detail: str = ""
+
+
+class Failure(msgspec.Struct, kw_only=True):
+    """A measurement that could not be taken, kept in the report instead of stopping the run."""
+
+    scenario: str
+    target: str
+    detail: str
+
+
+class Report(msgspec.Struct, kw_only=True):
+    """Everything one run measured; `meta` says how and where."""
+
+    meta: dict[str, Any]
+    targets: list[TargetStatus]
+    paced: list[PacedRow] = msgspec.field(default_factory=list)
+    capacity: list[CapacityRow] = msgspec.field(default_factory=list)
+    latency: list[LatencyRow] = msgspec.field(default_factory=list)
+    slow: list[SlowRow] = msgspec.field(default_factory=list)
+    workers: list[CapacityRow] = msgspec.field(default_factory=list)
+    failures: list[Failure] = msgspec.field(default_factory=list)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    """value / base, or None when either is missing or the base is zero."""
+    if value is None or not base:
+        return None
+    return round(value / base, 3)
+
+
+def _minus(value: float | None, base: float | None) -> float | None:
+    """value - base in ms, or None when either is missing."""
+    return None if value is None or base is None else round(value - base, 3)
+
+
+def _added(row: Percentiles, base: Percentiles) -> Added:
+    return Added(_minus(row.p50, base.p50), _minus(row.p99, base.p99))
+
+
+def derive(report: Report) -> None:
+    """Fill in every figure that compares two rows of this run."""
+    nginx_cpu = {r.streams: r.proxy_cpu_us_per_event for r in report.paced if r.target == "nginx"}
+    for p in report.paced:
+        p.ratio_to_nginx = _ratio(p.proxy_cpu_us_per_event, nginx_cpu.get(p.streams))
+    direct = {r.streams: r for r in report.latency if r.target == "direct"}
+    for lat in report.latency:
+        if (base := direct.get(lat.streams)) is not None:
+            lat.added_ttft_ms = _added(lat.ttft_ms, base.ttft_ms)
+            lat.added_total_ms = _added(lat.total_ms, base.total_ms)
+    nginx_ttft = {r.n: r.ttft_ms.p99 for r in report.slow if r.target == "nginx"}
+    for s in report.slow:
+        s.ttft_p99_ratio_to_nginx = _ratio(s.ttft_ms.p99, nginx_ttft.get(s.n))
+    one_worker = {r.target: r.events_per_s for r in report.workers if r.workers == 1}
+    for w in report.workers:
+        w.scaling_vs_1_worker = _ratio(w.events_per_s, one_worker.get(w.target))
+
+
+def _fmt(value: object) -> str:
+    """A table cell: numbers compact, missing values as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "0"
+    return str(value)[:120]
+
+
+Column = tuple[str, Callable[[Any], object]]
+
+
+def _cols(spec: str) -> list[Column]:
+    """Columns from `header=attr.path` pairs, one per line: the tables read like their specs."""
+    columns: list[Column] = []
+    for line in spec.strip().splitlines():
+        header, _, path = line.strip().partition("=")
+        columns.append((header, attrgetter(path)))
+    return columns
+
+
+TARGETS = _cols("target=name\nstatus=status\ndetail=detail")
+PACED = _cols("""
+    target=target
+    streams=streams
+    delay_ms=delay_ms
+    events/s=events_per_s
+    cpu_us/event=proxy_cpu_us_per_event
+    x nginx=ratio_to_nginx
+    proxy_cores=proxy_cpu_cores
+    saturated=saturated
+    load_cores=load_cpu_cores
+    errors=errors
+""")
+CAPACITY = _cols("""
+    target=target
+    workers=workers
+    streams=streams
+    events/s=events_per_s
+    x 1 worker=scaling_vs_1_worker
+    proxy_cores=proxy_cpu_cores
+    events/s/core=events_per_proxy_core_s
+    load_cores=load_cpu_cores
+    errors=errors
+""")
+LATENCY = _cols("""
+    target=target
+    streams=streams
+    ttft p50=ttft_ms.p50
+    ttft p99=ttft_ms.p99
+    +ttft p50=added_ttft_ms.p50
+    +ttft p99=added_ttft_ms.p99
+    total p50=total_ms.p50
+    total p99=total_ms.p99
+    +total p50=added_total_ms.p50
+    +total p99=added_total_ms.p99
+    samples=total_ms.samples
+    errors=errors
+""")
+SLOW = _cols("""
+    target=target
+    n=n
+    exact share=completed_share
+    rss_before_kb=rss_before_kb
+    rss_peak_kb=rss_peak_kb
+    kb/stream=rss_per_stream_kb
+    ttft p99 ms=ttft_ms.p99
+    x nginx=ttft_p99_ratio_to_nginx
+    load_cores=load_cpu_cores
+    errors=errors
+""")
+FAILURES = _cols("scenario=scenario\ntarget=target\ndetail=detail")
+
+
+def _cell(row: object, get: Callable[[Any], object]) -> str:
+    """One cell; a missing nested figure (e.g. no `added_*` for direct) shows as a dash."""
+    try:
+        return _fmt(get(row))
+    except AttributeError:
+        return "-"
+
+
+def table(title: str, columns: Sequence[Column], rows: Sequence[object]) -> str:
+    """A plain fixed-width table; empty when there are no rows."""
+    if not rows:
+        return ""
+    cells = [[h for h, _ in columns], *([_cell(r, get) for _, get in columns] for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([f"== {title}", *lines, ""])
+
+
+def render(report: Report) -> str:
+    """Every table of the report, in the order the issue lists the measurements."""
+    parts = [
+        table("Targets", TARGETS, report.targets),
+        table("Paced CPU per relayed event (proxy process tree)", PACED, report.paced),
+        table("Capacity (no delay: events/s, not cost per event)", CAPACITY, report.capacity),
+        table("Latency in ms (+ = added over direct)", LATENCY, report.latency),
+        table("Slow streams held at once", SLOW, report.slow),
+        table("Workers (gateway and load side share every core)", CAPACITY, report.workers),
+        table("Failures", FAILURES, report.failures),
+    ]
+    return "\n".join(part for part in parts if part)
+
+
+def write(report: Report, path: Path) -> None:
+    """Write the report as indented JSON, creating the folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
