@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -152,10 +153,9 @@ async def _watch_limiter(comp: Components) -> None:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
     incoming = request.headers.get("X-Request-Id", "")
     request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-    ctx = RequestContext(request_id=request_id, started=loop.time())
+    ctx = RequestContext(request_id=request_id, started=time.perf_counter())
     request[CTX] = ctx
     if request.path in PUBLIC_PATHS:
         return await handler(request)
@@ -168,7 +168,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         ctx.end = "client_disconnect"
         raise
     finally:
-        _account(request, ctx, (loop.time() - ctx.started) * 1000.0)
+        _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
         structlog.contextvars.unbind_contextvars("request_id")
 
 

@@ -15,7 +15,7 @@ End = Literal["completed", "client_disconnect", "upstream_error", "limit", "reje
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
-    started: float  # loop.time() at arrival
+    started: float  # time.perf_counter() at arrival (uvloop's loop.time() is in whole ms)
     team: str = "anonymous"
     model: str = "other"  # the bounded metric label, see routing.Router.model_label
     upstream: str = "none"

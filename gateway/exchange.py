@@ -10,6 +10,7 @@ request, never per chunk.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +138,7 @@ class Exchange:
         content_type = opened.response.headers.get("Content-Type", "")
         sse = content_type.startswith("text/event-stream")
         ctx.stream = sse
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()
         ctx.ttft_ms = (now - ctx.started) * 1000.0
         self._stream_started = now
         cut = comp.settings.limits.on_token_budget_exceeded == "cut"
@@ -237,7 +238,7 @@ class Exchange:
             return
         ctx, metrics = self.ctx, self.comp.metrics
         metrics.active_streams.labels(ctx.team, ctx.model).dec()
-        duration = asyncio.get_running_loop().time() - ctx.started
+        duration = time.perf_counter() - ctx.started
         metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
         if ctx.end == "client_disconnect":
             metrics.client_disconnects.labels(ctx.team, ctx.model).inc()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -98,7 +99,7 @@ async def _loop(
         write = frames.write
     feed = plan.observer.feed if plan.observer is not None else None
     gap, over = plan.on_chunk_gap, plan.over_budget
-    clock = asyncio.get_running_loop().time
+    clock = time.perf_counter
     last = clock()
     chunk = first
     while chunk:
