@@ -71,6 +71,7 @@ class Exchange:
         self.tokenizer: Tokenizer = comp.tokenizers[match.route.tokenizer]
         self.meter: StreamMeter | JsonMeter | None = None
         self.live: LiveCount | None = None
+        #: the body sent to `usage: inject` upstreams asks for usage the client did not
         self.injected = False
         self._stream_started: float | None = None
         self._settled = False
@@ -115,6 +116,7 @@ class Exchange:
         ):
             return None
         merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        self.injected = True
         return orjson.dumps({**doc, "stream_options": merged})
 
     def on_upstream_error(self, upstream: str, reason: str) -> None:
@@ -172,10 +174,11 @@ class Exchange:
         return plan
 
     def injected_body_sent(self, opened: Opened) -> bool:
-        if opened.upstream.settings.usage != "inject" or not self.ctx.stream:
-            return False
-        self.injected = True
-        return True
+        """Whether this upstream got our include_usage: only then is its usage event hidden.
+
+        A client that asked for usage itself gets the upstream's stream unchanged.
+        """
+        return self.injected and opened.upstream.settings.usage == "inject" and self.ctx.stream
 
     def finish(self, result: RelayResult) -> None:
         self.ctx.end = result.outcome
