@@ -14,6 +14,8 @@ Bounded: about 20-40 s, all processes on 127.0.0.1 and stopped at the end of the
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -91,7 +93,7 @@ def client(base_url: str, team: str) -> openai.AsyncOpenAI:
 
 
 async def stream(
-    api: openai.AsyncOpenAI, model: str, chunks: int, delay_ms: int, traffic: Traffic
+    api: openai.AsyncOpenAI, model: str, sim: dict[str, int], traffic: Traffic
 ) -> None:
     """One streamed chat completion, read to the end; refusals and failures are tallied."""
     try:
@@ -99,7 +101,7 @@ async def stream(
             model=model,
             messages=[{"role": "user", "content": "How are tokens counted while streaming?"}],
             stream=True,
-            extra_body={"sim": {"chunks": chunks, "delay_ms": delay_ms}},
+            extra_body={"sim": sim},
         )
         async for _ in response:
             pass
@@ -128,9 +130,10 @@ async def hang_up(api: openai.AsyncOpenAI, traffic: Traffic) -> None:
 
 async def steady(base_url: str, team: str, models: list[str], traffic: Traffic) -> None:
     """Sequential streams lasting a few seconds, so tokens grow across several scrapes."""
+    sim = {"chunks": 12, "delay_ms": 40, "reasoning_chunks": 3}
     async with client(base_url, team) as api:
         for model in models:
-            await stream(api, model, chunks=12, delay_ms=40, traffic=traffic)
+            await stream(api, model, sim, traffic)
 
 
 async def run_loadgen(base_url: str, traffic: Traffic) -> None:
@@ -154,58 +157,97 @@ async def run_loadgen(base_url: str, traffic: Traffic) -> None:
         traffic.errors.append(output.decode(errors="replace")[-2000:])
 
 
-async def drive(base_url: str) -> Traffic:
-    traffic = Traffic()
+async def first_events(base_url: str, traffic: Traffic) -> None:
+    """One of each kind of event, so each labelled counter exists before it grows.
+
+    prometheus_client creates a labelled series at its first increment, and Prometheus's rate()
+    does not count a series' first sample as growth: without this phase, a refusal or an
+    upstream error that happens once would read as a rate of 0.
+    """
+    async with client(base_url, "alpha") as alpha, client(base_url, "gamma") as gamma:
+        await asyncio.gather(
+            stream(alpha, "dead-model", {"chunks": 4}, traffic),
+            hang_up(alpha, traffic),
+            *(stream(gamma, "sim-small", {"chunks": 8}, traffic) for _ in range(3)),
+        )
+
+
+async def drive(base_url: str, traffic: Traffic) -> None:
+    """Several teams and models streaming for a few seconds, with refusals and failures."""
     models = ["sim-small", "sim-large", "sim-chat", "sim-small", "sim-large", "sim-small"]
-    async with (
-        client(base_url, "alpha") as alpha,
-        client(base_url, "beta") as beta,
-        client(base_url, "gamma") as gamma,
-    ):
+    async with client(base_url, "alpha") as alpha, client(base_url, "gamma") as gamma:
         await asyncio.gather(
             steady(base_url, "alpha", models, traffic),
             steady(base_url, "beta", list(reversed(models)), traffic),
             run_loadgen(base_url, traffic),
-            hang_up(beta, traffic),
-            *(stream(alpha, "dead-model", 4, 0, traffic) for _ in range(2)),
-            *(stream(gamma, "sim-small", 8, 20, traffic) for _ in range(4)),
+            hang_up(alpha, traffic),  # same labels as the first phase, so it reads as growth
+            *(stream(alpha, "dead-model", {"chunks": 4}, traffic) for _ in range(2)),
+            *(stream(gamma, "sim-small", {"chunks": 8, "delay_ms": 20}, traffic) for _ in range(2)),
         )
-    return traffic
 
 
 # --- waiting for Prometheus -----------------------------------------------------------------
 
+#: series the first phase creates, which must be scraped before the second phase grows them
+FIRST_EVENTS = (
+    "gateway_rate_limited_total",
+    "gateway_upstream_errors_total",
+    "gateway_client_disconnects_total",
+)
 
-def wait_until(
-    check: Callable[[], bool], timeout_s: float, what: str, prometheus: PrometheusServer
+
+def wait_for(
+    pending: Callable[[], object], timeout_s: float, what: str, prometheus: PrometheusServer
 ) -> None:
-    """Poll `check()` until it is true; fail with Prometheus's log if it never becomes so."""
+    """Poll until `pending()` is falsy (nothing left to wait for); fail naming what still is."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if check():
+        left = pending()
+        if not left:
             return
         time.sleep(0.5)
-    pytest.fail(f"{what} not within {timeout_s} s; prometheus log:\n{prometheus.log()[-3000:]}")
+    pytest.fail(
+        f"{what}: still waiting after {timeout_s} s for {left!r}; "
+        f"prometheus log:\n{prometheus.log()[-2000:]}"
+    )
 
 
 def scraped_once(prometheus: PrometheusServer) -> bool:
     return any(s["value"][1] == "1" for s in prometheus.query('up{job="gateway"}'))
 
 
-def all_queries_have_data(prometheus: PrometheusServer) -> bool:
+def unscraped(prometheus: PrometheusServer, names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if not prometheus.query(name)]
+
+
+def has_a_number(result: list[dict[str, Any]]) -> bool:
+    """At least one sample whose value is a finite number (not NaN, not an infinity)."""
+    return any(math.isfinite(float(sample["value"][1])) for sample in result)
+
+
+def growing(prometheus: PrometheusServer, name: str) -> bool:
+    return has_a_number(prometheus.query(f"sum(rate({name}[1m])) > 0"))
+
+
+def without_numbers(prometheus: PrometheusServer) -> list[str]:
+    """The queries (and growing counters) that do not answer a finite number yet."""
     queries = assets.dashboard_queries(assets.load_dashboard()) + assets.recording_queries()
-    recorded = [assets.Query(q.where, q.where) for q in assets.recording_queries()]
-    try:
-        return all(prometheus.query(q.expr) for q in queries + recorded)
-    except PrometheusError:
-        return True  # a query that does not parse: its own test reports it
+    queries += [assets.Query(q.where, q.where) for q in assets.recording_queries()]
+    missing = []
+    for query in queries:
+        try:
+            if not has_a_number(prometheus.query(query.expr)):
+                missing.append(query.where)
+        except PrometheusError:
+            pass  # a query Prometheus rejects: its own test says which
+    return missing + [f"rate({name})" for name in FIRST_EVENTS if not growing(prometheus, name)]
 
 
-def rules_evaluated(prometheus: PrometheusServer) -> bool:
+def unevaluated_rules(prometheus: PrometheusServer) -> list[str]:
     groups = prometheus.get("/api/v1/rules")["groups"]
-    return bool(groups) and all(
-        rule["health"] != "unknown" for group in groups for rule in group["rules"]
-    )
+    names = [rule["name"] for group in groups for rule in group["rules"]]
+    waiting = [r["name"] for g in groups for r in g["rules"] if r["health"] == "unknown"]
+    return waiting if names else ["no rules loaded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +267,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         running_gateway_process(config, workdir) as gateway,
         running_prometheus([gateway.target], workdir, assets.RULE_FILES) as prometheus,
     ):
-        wait_until(lambda: scraped_once(prometheus), 20, "first scrape", prometheus)
-        traffic = asyncio.run(drive(gateway.url + "/v1"))
-        wait_until(lambda: all_queries_have_data(prometheus), DATA_TIMEOUT_S, "data", prometheus)
-        wait_until(lambda: rules_evaluated(prometheus), 10, "rule evaluation", prometheus)
+        url = gateway.url + "/v1"
+        traffic = Traffic()
+        wait_for(lambda: not scraped_once(prometheus), 20, "first scrape", prometheus)
+        asyncio.run(first_events(url, traffic))
+        first = functools.partial(unscraped, prometheus, FIRST_EVENTS)
+        wait_for(first, 20, "first events scraped", prometheus)
+        asyncio.run(drive(url, traffic))
+        wait_for(lambda: without_numbers(prometheus), DATA_TIMEOUT_S, "answers", prometheus)
+        wait_for(lambda: unevaluated_rules(prometheus), 10, "rule evaluation", prometheus)
         yield Live(prometheus, gateway, traffic)
 
 
@@ -239,10 +286,15 @@ def test_traffic_streamed_was_limited_failed_upstream_and_hung_up_as_planned(liv
     traffic = live.traffic
     assert traffic.errors == []
     assert traffic.loadgen_exit == 0
-    assert traffic.completed >= 12 + 1
-    assert traffic.limited >= 1
-    assert traffic.upstream_failed == 2
-    assert traffic.disconnected == 1
+    assert traffic.completed >= 12 + GAMMA_REQUESTS_PER_MINUTE
+    assert traffic.limited >= 2
+    assert traffic.upstream_failed == 3
+    assert traffic.disconnected == 2
+
+
+@pytest.mark.parametrize("counter", FIRST_EVENTS)
+def test_refusals_upstream_errors_and_disconnects_show_as_a_rate(live: Live, counter: str) -> None:
+    assert growing(live.prometheus, counter)
 
 
 def test_token_rate_by_team_lists_every_team_that_streamed(live: Live) -> None:
@@ -252,16 +304,18 @@ def test_token_rate_by_team_lists_every_team_that_streamed(live: Live) -> None:
     assert all(rates[team] > 0 for team in STEADY_TEAMS), rates
 
 
-def test_token_series_carry_the_configured_model_labels(live: Live) -> None:
+def test_token_series_carry_the_configured_model_labels_and_every_type(live: Live) -> None:
     models = live.prometheus.label_values("model", "gateway_tokens_total")
     assert set(models) >= {"sim-small", "sim-large", "sim-*"}
+    types = live.prometheus.label_values("type", "gateway_tokens_total")
+    assert set(types) == {"prompt", "completion", "reasoning"}
 
 
 @pytest.mark.parametrize(
     "query", assets.dashboard_queries(assets.load_dashboard()), ids=lambda q: q.where
 )
 def test_dashboard_query_returns_data(live: Live, query: assets.Query) -> None:
-    assert live.prometheus.query(query.expr), f"no data for: {query.expr}"
+    assert has_a_number(live.prometheus.query(query.expr)), f"no data for: {query.expr}"
 
 
 @pytest.mark.parametrize(
@@ -275,8 +329,8 @@ def test_dashboard_variable_lists_values(live: Live, variable: assets.VariableQu
 
 @pytest.mark.parametrize("query", assets.recording_queries(), ids=lambda q: q.where)
 def test_recording_rule_returns_data_and_is_recorded(live: Live, query: assets.Query) -> None:
-    assert live.prometheus.query(query.expr), f"no data for: {query.expr}"
-    assert live.prometheus.query(query.where), f"{query.where} was not recorded"
+    assert has_a_number(live.prometheus.query(query.expr)), f"no data for: {query.expr}"
+    assert has_a_number(live.prometheus.query(query.where)), f"{query.where} was not recorded"
 
 
 @pytest.mark.parametrize("query", assets.alert_queries(), ids=lambda q: q.where)
