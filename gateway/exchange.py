@@ -204,6 +204,7 @@ class Exchange:
         if tally is not None:
             self._record(tally)
         self._record_stream_end()
+        self._record_disconnect()
         used = self.ctx.prompt_tokens + self.ctx.completion_tokens
         for admission in self.admissions:
             await admission.settle(used if tally is not None else self.prompt_estimate)
@@ -243,8 +244,12 @@ class Exchange:
         metrics.active_streams.labels(ctx.team, ctx.model).dec()
         duration = time.perf_counter() - ctx.started
         metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
-        if ctx.end == "client_disconnect":
-            metrics.client_disconnects.labels(ctx.team, ctx.model).inc()
+
+    def _record_disconnect(self) -> None:
+        """A client that went away is counted whether or not its answer had begun: clients
+        giving up on a slow first token are the disconnects an operator most needs to see."""
+        if self.ctx.end == "client_disconnect":
+            self.comp.metrics.client_disconnects.labels(self.ctx.team, self.ctx.model).inc()
 
 
 def _inc_by_missing(counter: Counter, final: int, counted: int) -> None:

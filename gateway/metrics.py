@@ -78,7 +78,7 @@ class GatewayMetrics:
         )
         self.client_disconnects = Counter(
             "gateway_client_disconnects",
-            "Streams whose client went away before the end.",
+            "Requests whose client went away before the answer ended (or began).",
             ["team", "model"],
             registry=registry,
         )

@@ -8,13 +8,16 @@ for what the settlement writes, bounded in time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import openai
 import orjson
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from gateway.config import (
     Route,
@@ -25,6 +28,7 @@ from gateway.config import (
     TokenizerName,
     Upstream,
 )
+from tests.support.gateway import RunningGateway, running_gateway
 
 #: secrets that must never reach a log line
 TEAM_KEY = "sk-team-e2e-3f9a1c7d"
@@ -78,6 +82,22 @@ async def client(base_url: str, key: str = "anything") -> openai.AsyncOpenAI:
     return await asyncio.to_thread(
         openai.AsyncOpenAI, base_url=base_url, api_key=key, max_retries=0
     )
+
+
+@dataclass
+class Observed:
+    """A running gateway and every structlog event it emitted so far."""
+
+    gw: RunningGateway
+    logs: list[LogEvent]
+
+
+@asynccontextmanager
+async def observed_gateway(settings: Settings) -> AsyncIterator[Observed]:
+    """The gateway in-process on a free port, its structlog events captured."""
+    with capture_logs() as logs:
+        async with running_gateway(settings) as gw:
+            yield Observed(gw, logs)
 
 
 # -- verbatim upstream bytes ------------------------------------------------------------------

@@ -18,15 +18,16 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.config import TokenizerName
 from gateway.tokens import estimate_prompt_tokens, load_tokenizer
-from tests.e2e_accounting.conftest import Observed, observed_gateway
 from tests.e2e_accounting.helpers import (
     MESSAGES,
     PATTERN,
+    Observed,
     chunk,
     client,
     event,
     eventually,
     fake_settings,
+    observed_gateway,
     one_request_line,
     request_lines,
     sim_settings,
@@ -60,6 +61,7 @@ async def stream(
     *,
     include_usage: bool,
     messages: list[ChatCompletionMessageParam] = MESSAGES,
+    n: int = 1,
 ) -> CompletionUsage | None:
     """Stream one answer through the gateway with the SDK; the usage it carried, if any."""
     sdk = await client(o.gw.base_url)
@@ -67,6 +69,7 @@ async def stream(
         model="sim-counts",
         messages=messages,
         stream=True,
+        n=n,
         stream_options={"include_usage": True} if include_usage else openai.omit,
         extra_body={"sim": sim},
     )
@@ -102,6 +105,19 @@ async def test_chunks_tokenizer_estimate_equals_the_upstream_usage_without_it() 
         assert estimated["usage_source"] == "estimate"
         assert estimated["completion_tokens"] == truth.completion_tokens
         assert completion_total(o) == 2 * truth.completion_tokens
+
+
+async def test_every_choice_is_counted() -> None:
+    """n=3: three interleaved choices, each chunk of each counted (the simulator sums them)."""
+    async with observed_gateway(sim_settings("chunks")) as o:
+        truth = await stream(o, {"chunks": 4}, include_usage=True, n=3)
+        await stream(o, {"chunks": 4}, include_usage=False, n=3)
+        await eventually(lambda: len(request_lines(o.logs)) == 2)
+        estimated = request_lines(o.logs)[1]
+        assert truth is not None and truth.completion_tokens == 12
+        assert estimated["usage_source"] == "estimate"
+        assert estimated["completion_tokens"] == truth.completion_tokens
+        assert estimated["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("tokenizer", ["o200k_base", "cl100k_base"])

@@ -14,13 +14,13 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e_accounting.conftest import observed_gateway
 from tests.e2e_accounting.helpers import (
     MESSAGES,
     PATTERN,
     TEAM_KEY,
     client,
     eventually,
+    observed_gateway,
     one_request_line,
     request_lines,
     sim_settings,

@@ -14,13 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.e2e_accounting.conftest import Observed, observed_gateway
 from tests.e2e_accounting.helpers import (
     DONE,
     MESSAGES,
+    Observed,
     chunk,
     client,
+    event,
     fake_settings,
+    observed_gateway,
     one_request_line,
     sim_settings,
     usage_event,
@@ -157,3 +159,34 @@ async def test_upstream_usage_wins_and_the_drift_is_recorded(
             tokens = {"team": "anonymous", "model": MODEL_LABEL}
             assert metric("gateway_tokens_total", **tokens, type="completion") == live_total
             assert metric("gateway_tokens_total", **tokens, type="prompt") == 21
+
+
+def final_chunk_with_usage(prompt: int, completion: int) -> bytes:
+    """Some providers put `usage` on the last chunk that still carries a choice."""
+    return event({
+        "id": "chatcmpl-e2e",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "test-model",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("usage", ["passthrough", "inject"])
+async def test_usage_on_a_chunk_that_also_has_choices_is_tallied_and_relayed(usage: str) -> None:
+    """Not a usage-only event: the client gets it unchanged, and its usage is still the truth."""
+    body = b"".join([*EVENTS[:4], final_chunk_with_usage(5, 12), DONE])
+    async with fake_upstream() as up:
+        up.scripts.append(Script(pieces(body, 33)))
+        async with observed_gateway(fake_settings(up.base_url, usage=usage)) as o:
+            received = await raw_stream(o)
+            line = await one_request_line(o.logs)
+    assert received == body
+    assert line["usage_source"] == "upstream"
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (5, 12)
+    assert line["finish_reason"] == "stop"
