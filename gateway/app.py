@@ -30,7 +30,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .auth import Authenticator
 from .components import COMPONENTS, CTX, TEAM, Components
-from .config import Settings
+from .config import Settings, Upstream
 from .context import RequestContext
 from .errors import (
     BadRequest,
@@ -48,6 +48,8 @@ from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient, create_client
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: the status logged and counted when the client left before a response began (nginx's 499)
+CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -109,7 +111,7 @@ def _lifespan(
             yield
         finally:
             watcher.cancel()
-            await limiter.aclose()
+            await app[COMPONENTS].limiter.aclose()  # a reload may have replaced it
             for client in upstreams.values():
                 await client.aclose()
             for runner in sims:
@@ -121,24 +123,33 @@ def _lifespan(
 async def _start_upstreams(
     settings: Settings,
 ) -> tuple[list[web.AppRunner], dict[str, UpstreamClient]]:
-    from .sim import SimDefaults, start_sim
-
     sims: list[web.AppRunner] = []
     clients: dict[str, UpstreamClient] = {}
     for name, upstream in settings.upstreams.items():
-        base_url = upstream.base_url
-        if upstream.simulator is not None:
-            options = SimDefaults(
-                chunks=upstream.simulator.chunks,
-                delay_ms=upstream.simulator.delay_ms,
-                ttft_ms=upstream.simulator.ttft_ms,
-            )
-            runner, port = await start_sim("127.0.0.1", 0, options)
+        runner, clients[name] = await start_upstream(name, upstream)
+        if runner is not None:
             sims.append(runner)
-            base_url = f"http://127.0.0.1:{port}/v1"
-        assert base_url is not None  # config check: base_url or simulator
-        clients[name] = create_client(name, upstream, base_url)
     return sims, clients
+
+
+async def start_upstream(
+    name: str, upstream: Upstream
+) -> tuple[web.AppRunner | None, UpstreamClient]:
+    """One upstream's client; for `simulator: {}`, the simulator's runner as well."""
+    from .sim import SimDefaults, start_sim
+
+    base_url = upstream.base_url
+    runner = None
+    if upstream.simulator is not None:
+        options = SimDefaults(
+            chunks=upstream.simulator.chunks,
+            delay_ms=upstream.simulator.delay_ms,
+            ttft_ms=upstream.simulator.ttft_ms,
+        )
+        runner, port = await start_sim("127.0.0.1", 0, options)
+        base_url = f"http://127.0.0.1:{port}/v1"
+    assert base_url is not None  # config check: base_url or simulator
+    return runner, create_client(name, upstream, base_url)
 
 
 async def _watch_limiter(comp: Components) -> None:
@@ -161,11 +172,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
-        response = await handler(request)
+        with request.app[COMPONENTS].lifecycle.tracking():
+            response = await handler(request)
         ctx.status = ctx.status or response.status
         return response
     except asyncio.CancelledError:
-        ctx.end = "client_disconnect"
+        # the client left (aiohttp cancels its handler), or the drain cut the request
+        if ctx.end == "completed":
+            ctx.end = "client_disconnect"
+        ctx.status = ctx.status or CLIENT_CLOSED_REQUEST
         raise
     finally:
         _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)

@@ -6,9 +6,11 @@ app's `cleanup_ctx` (see app.py) and reached from a request through `request.app
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -23,11 +25,70 @@ from .tokens import Tokenizer
 from .upstream import UpstreamClient
 
 
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """How long a client may take to send a request (slowloris bounds).
+
+    `idle_s` is aiohttp's keep-alive timeout: it closes a connection that has no request in
+    progress for that long, which bounds both an idle kept-alive connection and one whose
+    request head never completes (the server is still waiting for the message). Keep it above
+    the idle timeout of any load balancer in front (60 s for most). `body_s` bounds reading the
+    whole request body; past it the client gets 408.
+    """
+
+    idle_s: float = 75.0
+    body_s: float = 60.0
+
+
 @dataclass(slots=True)
 class Lifecycle:
-    """Readiness: false from the moment a drain starts (SIGTERM)."""
+    """Readiness, and the requests in flight, for the SIGTERM drain and the SIGHUP reload.
+
+    `draining` is true from the moment a drain starts: `/readyz` answers 503 and new requests
+    on kept-alive connections get 503. Each request's task is tracked while it runs, so that
+    the drain can wait for the streams in flight and cut those that outlive the grace period,
+    and a reload can wait for the requests that started under the old configuration.
+    """
 
     draining: bool = False
+    _running: set[asyncio.Task[Any]] = field(default_factory=set)
+    _cut: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Track the current task (one request) until the block ends."""
+        task = asyncio.current_task()
+        assert task is not None  # a request handler always runs in a task
+        self._running.add(task)
+        try:
+            yield
+        finally:
+            self._running.discard(task)
+            self._cut.discard(task)
+
+    def running(self) -> frozenset[asyncio.Task[Any]]:
+        """The requests in flight now."""
+        return frozenset(self._running)
+
+    async def wait(self, tasks: Collection[asyncio.Task[Any]], timeout_s: float | None) -> bool:
+        """Wait up to timeout_s (None: as long as it takes) for `tasks` to end; whether they all
+        did."""
+        pending = [task for task in tasks if not task.done()]
+        if not pending:
+            return True
+        _, still = await asyncio.wait(pending, timeout=timeout_s)
+        return not still
+
+    def cut(self) -> int:
+        """Cancel every request still in flight (the drain's grace ran out); how many."""
+        for task in self._running:
+            self._cut.add(task)
+            task.cancel()
+        return len(self._running)
+
+    def was_cut(self) -> bool:
+        """Whether the current request was cancelled by `cut`, not by its client leaving."""
+        return asyncio.current_task() in self._cut
 
 
 @dataclass(slots=True)
@@ -41,12 +102,14 @@ class Components:
     limiter: Limiter
     inflight: InflightGate
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 
     @contextlib.asynccontextmanager
     async def gate(self, ctx: RequestContext) -> AsyncIterator[None]:
         """The process-wide max_inflight bound: a bounded wait, then 503."""
+        gate = self.inflight  # a reload may swap the gate: leave the one that was entered
         try:
-            await self.inflight.__aenter__()
+            await gate.__aenter__()
         except QueueTimeout as exc:
             self.metrics.rate_limited.labels(ctx.team, "inflight").inc()
             ctx.end = "limit"
@@ -61,10 +124,10 @@ class Components:
             yield
         finally:
             self.metrics.inflight.dec()
-            await self.inflight.__aexit__(None, None, None)
+            await gate.__aexit__(None, None, None)
 
 
 COMPONENTS = web.AppKey("components", Components)
 CTX = web.RequestKey("ctx", RequestContext)
 TEAM = web.RequestKey("team", Team)
-__all__ = ["COMPONENTS", "CTX", "TEAM", "Components", "Lifecycle", "Team"]
+__all__ = ["COMPONENTS", "CTX", "TEAM", "ClientTimeouts", "Components", "Lifecycle", "Team"]

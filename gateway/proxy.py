@@ -18,7 +18,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
+from .accounting import StreamMeter
 from .components import COMPONENTS, CTX, TEAM, Components
 from .config import Route, Team
 from .context import RequestContext
@@ -27,6 +29,7 @@ from .errors import (
     GatewayError,
     ModelNotFound,
     RequestTooLarge,
+    ServiceUnavailable,
     UpstreamError,
     error_response,
     sse_error_event,
@@ -34,13 +37,25 @@ from .errors import (
 from .exchange import Exchange
 from .relay import RelayResult, pump
 from .routing import RouteMatch
-from .upstream import Opened, UpstreamRequest, open_on_route, read_error_body, response_headers
+from .upstream import (
+    OnUpstreamError,
+    Opened,
+    UpstreamRequest,
+    open_on_route,
+    read_error_body,
+    response_headers,
+)
 
 #: endpoints whose body must be a JSON object naming a model
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
 #: above this many body bytes, the prompt estimate runs in a thread, off the event loop
 ESTIMATE_IN_THREAD_BYTES = 64 * 1024
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+#: streams that end with `finish_reason` or `[DONE]`: one that ends with neither was cut short
+COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+#: how long a stream cut by the drain gets to write its last event
+CUT_WRITE_S = 1.0
+_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +69,20 @@ class ParsedRequest:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     comp, ctx = request.app[COMPONENTS], request[CTX]
-    parsed = await parse_request(request, comp.settings.max_request_bytes)
+    try:
+        return await _handle(request, comp, ctx)
+    except asyncio.CancelledError:
+        if not comp.lifecycle.was_cut():
+            raise
+        _uncancel()  # the drain's grace ran out before any byte went out: answer 503
+        ctx.end = "rejected"
+        raise _shutdown_error() from None
+
+
+async def _handle(
+    request: web.Request, comp: Components, ctx: RequestContext
+) -> web.StreamResponse:
+    parsed = await parse_request(request, comp.settings.max_request_bytes, comp.timeouts.body_s)
     match = resolve(comp, parsed)
     ctx.model, ctx.stream = match.label, parsed.stream
     team: Team | None = request.get(TEAM)
@@ -69,9 +97,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             await exchange.settle()
 
 
-async def parse_request(request: web.Request, max_bytes: int) -> ParsedRequest:
-    tail = request.match_info.get("tail", "")
-    body = await read_body(request, max_bytes)
+async def parse_request(
+    request: web.Request, max_bytes: int, timeout_s: float | None = None
+) -> ParsedRequest:
+    tail = check_tail(request.match_info.get("tail", ""))
+    body = await read_body(request, max_bytes, timeout_s)
     doc = parse_json(body, required=tail in MODEL_ENDPOINTS and request.method == "POST")
     model = doc.get("model") if doc is not None else None
     if doc is not None and tail in MODEL_ENDPOINTS and not isinstance(model, str):
@@ -80,13 +110,36 @@ async def parse_request(request: web.Request, max_bytes: int) -> ParsedRequest:
     return ParsedRequest(tail, body, doc, model if isinstance(model, str) else None, stream)
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
+def check_tail(tail: str) -> str:
+    """The path after `/v1/`, refused (400) when it could leave the upstream's base path.
+
+    `tail` is already percent-decoded: `%2e%2e` is `..` here. Dot segments would climb out of
+    the base URL's path once the upstream normalises them, and control characters have no
+    business in a path; everything else is percent-encoded again by `UpstreamClient.url_for`.
+    """
+    if any(segment in (".", "..") for segment in tail.split("/")) or not _CONTROL.isdisjoint(tail):
+        raise BadRequest(f"Invalid path: /v1/{tail!r}", code="invalid_path")
+    return tail
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, at most max_bytes (413), within timeout_s (408: a slowloris body)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
+    body = bytearray()
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(max_bytes) from None
+        async with asyncio.timeout(timeout_s):
+            while piece := await request.content.readany():
+                body += piece
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+    except TimeoutError:
+        error = BadRequest(
+            f"The request body did not arrive within {timeout_s} s.", code="request_timeout"
+        )
+        error.status = 408
+        raise error from None
+    return bytes(body)
 
 
 def _too_large(max_bytes: int) -> RequestTooLarge:
@@ -132,20 +185,42 @@ async def _serve(
     upstream_request = UpstreamRequest(
         method=request.method,
         tail=parsed.tail,
-        query=request.query_string,
+        query=request.rel_url.raw_query_string,
         body=parsed.body,
-        headers=request.headers,
+        headers=_forwarded_headers(request, parsed),
         request_id=exchange.ctx.request_id,
         injected_body=exchange.injected_body(parsed.doc),
     )
     clients = [comp.upstreams[name] for name in route.upstreams]
+    on_error = _on_upstream_error(exchange)
     if parsed.stream and route.keepalive_comment_s:
         return await _serve_with_keepalive(request, exchange, clients, upstream_request, route)
-    opened = await open_on_route(clients, upstream_request, exchange.on_upstream_error)
+    opened = await open_on_route(clients, upstream_request, on_error)
     try:
-        return await _answer(request, exchange, opened, None)
+        return await _answer(request, exchange, opened, None, parsed.tail)
     finally:
         opened.close()
+
+
+def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[str, str]:
+    """The client's headers; a body the gateway parsed as JSON goes up as application/json,
+    whatever type the client named (a text/plain or form type would make the upstream fail)."""
+    if parsed.doc is None or request.content_type == "application/json":
+        return request.headers
+    headers = CIMultiDict(request.headers)
+    headers["Content-Type"] = "application/json"
+    return headers
+
+
+def _on_upstream_error(exchange: Exchange) -> OnUpstreamError:
+    """Count a failed attempt, and name that upstream in the request's labels meanwhile (the
+    one that answers in the end replaces it): a 502 says which upstream failed."""
+
+    def on_error(upstream: str, reason: str) -> None:
+        exchange.ctx.upstream = upstream
+        exchange.on_upstream_error(upstream, reason)
+
+    return on_error
 
 
 async def _serve_with_keepalive(
@@ -162,7 +237,7 @@ async def _serve_with_keepalive(
     """
     assert route.keepalive_comment_s is not None
     task = asyncio.ensure_future(
-        open_on_route(clients, upstream_request, exchange.on_upstream_error)
+        open_on_route(clients, upstream_request, _on_upstream_error(exchange))
     )
     resp: web.StreamResponse | None = None
     try:
@@ -175,6 +250,11 @@ async def _serve_with_keepalive(
                     request, 200, {"Content-Type": "text/event-stream"}
                 )
             await resp.write(KEEPALIVE_COMMENT)
+    except asyncio.CancelledError:
+        task.cancel()
+        if resp is not None and exchange.comp.lifecycle.was_cut():
+            return await _end_cut_stream(exchange, resp)
+        raise
     except BaseException:
         task.cancel()
         raise
@@ -183,18 +263,28 @@ async def _serve_with_keepalive(
     else:
         try:
             opened = task.result()
-        except GatewayError as error:
-            exchange.fail(error)
+        except GatewayError as error:  # open_on_route counted it
+            _failed_after_comments(exchange, error)
             await resp.write(sse_error_event(error))
             return resp
     try:
-        return await _answer(request, exchange, opened, resp)
+        return await _answer(request, exchange, opened, resp, upstream_request.tail)
     finally:
         opened.close()
 
 
+def _failed_after_comments(exchange: Exchange, error: GatewayError) -> None:
+    """The log line of a stream that failed after keep-alive comments (the 200 is sent)."""
+    exchange.ctx.error_code = error.code
+    exchange.ctx.end = "upstream_error" if error.reason is not None else "rejected"
+
+
 async def _answer(
-    request: web.Request, exchange: Exchange, opened: Opened, resp: web.StreamResponse | None
+    request: web.Request,
+    exchange: Exchange,
+    opened: Opened,
+    resp: web.StreamResponse | None,
+    tail: str,
 ) -> web.StreamResponse:
     exchange.ctx.upstream = opened.upstream.name
     status = opened.response.status
@@ -205,12 +295,86 @@ async def _answer(
         resp = await exchange.prepare_stream(request, status, headers)
     plan = exchange.relay_plan(opened)
     plan.client_transport = request.transport
-    result: RelayResult = await pump(resp, opened.response.content, opened.first_chunk, plan)
+    if plan.sse and tail in COMPLETION_ENDPOINTS:
+        plan.end_check = lambda: _cut_short(exchange)
+    try:
+        result: RelayResult = await pump(resp, opened.response.content, opened.first_chunk, plan)
+    except asyncio.CancelledError:
+        if not exchange.comp.lifecycle.was_cut():
+            raise
+        return await _end_cut_stream(exchange, resp)
     exchange.finish(result)
     if result.outcome == "completed":
+        _note_error_event(exchange)
         opened.release()
         await _write_eof(resp)
     return resp
+
+
+def _cut_short(exchange: Exchange) -> GatewayError | None:
+    """A completion stream that ended with no finish_reason, no [DONE] and no error event
+    was cut short: without a word, the client would take half an answer for a whole one.
+
+    A stream with a finish_reason but no [DONE] is whole (some upstreams never send it). With
+    accounting off for the route there is no parsed copy to tell, and nothing is added.
+    """
+    meter = exchange.meter
+    if not isinstance(meter, StreamMeter):
+        return None
+    tally = meter.finish()  # idempotent: settle() takes the same tally
+    if tally.saw_done or tally.finish_reasons or tally.upstream_error is not None:
+        return None
+    return UpstreamError(
+        "The upstream ended the stream before it was complete (no finish_reason, no [DONE]).",
+        code="upstream_truncated",
+        reason="truncated",
+    )
+
+
+def _note_error_event(exchange: Exchange) -> None:
+    """The upstream ended its stream with its own `data: {"error": ...}` event: relayed as it
+    is, and the request counts as an upstream error rather than a completed stream."""
+    meter = exchange.meter
+    if not isinstance(meter, StreamMeter):
+        return
+    error = meter.finish().upstream_error
+    if error is not None:
+        code = error.get("code")
+        exchange.fail(
+            UpstreamError(
+                "The upstream ended the stream with an error event.",
+                code=code if isinstance(code, str) and code else "upstream_error_event",
+                reason="error_event",
+            )
+        )
+
+
+async def _end_cut_stream(exchange: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+    """The drain's grace ran out during this stream: an SSE error event tells the client (its
+    SDK raises instead of keeping half an answer), then the response ends normally."""
+    _uncancel()
+    exchange.ctx.end, exchange.ctx.error_code = "rejected", "gateway_shutdown"
+    if exchange.ctx.stream:
+        with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+            async with asyncio.timeout(CUT_WRITE_S):
+                await resp.write(sse_error_event(_shutdown_error()))
+                await resp.write_eof()
+    return resp
+
+
+def _shutdown_error() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The gateway shut down before this request finished; retry it.",
+        code="gateway_shutdown",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _uncancel() -> None:
+    """Take back the cancellation the drain sent (Lifecycle.cut): this request ends on its own."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()
 
 
 async def _upstream_refused(
@@ -225,8 +389,8 @@ async def _upstream_refused(
             f"The upstream answered {status}: {_upstream_message(body)}",
             headers={"Retry-After": retry_after} if retry_after else None,
         )
-        if resp is not None:
-            exchange.fail(error)
+        if resp is not None:  # open_on_route counted it (status_5xx)
+            _failed_after_comments(exchange, error)
             await resp.write(sse_error_event(error))
             return resp
         raise error

@@ -56,6 +56,9 @@ class RelayPlan:
     sse: bool = True
     #: the client's transport, to see when its socket buffer fills (a stalled reader)
     client_transport: asyncio.WriteTransport | None = None
+    #: called once the upstream body ended cleanly: an error ends the stream with it as an
+    #: SSE error event (a stream the upstream cut short without saying so)
+    end_check: Callable[[], GatewayError | None] | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +118,8 @@ async def _loop(
             last = now
     if frames is not None:
         await frames.flush()
+    if plan.end_check is not None and (error := plan.end_check()) is not None:
+        raise _Ended("upstream_error", error)
 
 
 def _guarded_write(resp: web.StreamResponse, plan: RelayPlan) -> Write:

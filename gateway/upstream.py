@@ -62,15 +62,20 @@ class UpstreamClient:
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.settings.max_connections)
 
-    def url_for(self, tail: str, query: str) -> URL:
-        """The upstream URL for the `/v1/<tail>` path a client asked for."""
-        url = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail, encoded=True)
-        return url.with_query(query) if query else url
+    def url_for(self, tail: str, raw_query: str) -> URL:
+        """The upstream URL for the `/v1/<tail>` path a client asked for.
+
+        `tail` is the decoded path (proxy.check_tail has refused dot segments and control
+        characters); it is percent-encoded again here, so a `%3F` or `%23` the client sent
+        stays part of the path instead of starting a query or fragment, and the URL's host is
+        always the base URL's. `raw_query` is the client's query string exactly as it came.
+        """
+        url = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail)
+        return URL(f"{url}?{raw_query}", encoded=True) if raw_query else url
 
     def headers_for(self, client_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
-        headers = CIMultiDict(
-            (k, v) for k, v in client_headers.items() if k.lower() not in DROP_REQUEST_HEADERS
-        )
+        drop = DROP_REQUEST_HEADERS | _nominated(client_headers)
+        headers = CIMultiDict((k, v) for k, v in client_headers.items() if k.lower() not in drop)
         headers["Accept-Encoding"] = "identity"
         headers["X-Request-Id"] = request_id
         if self.settings.api_key:
@@ -79,6 +84,12 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self.session.close()
+
+
+def _nominated(headers: Mapping[str, str]) -> frozenset[str]:
+    """Headers the client declared hop-by-hop in `Connection` (RFC 9110 7.6.1): not forwarded."""
+    listed = ",".join(v for k, v in headers.items() if k.lower() == "connection")
+    return frozenset(name.strip().lower() for name in listed.split(",") if name.strip())
 
 
 def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClient:
@@ -171,6 +182,10 @@ async def open_on_route(
         except _Retryable as failure:
             on_error(client.name, failure.error.reason or "connect")
             last = failure
+        except GatewayError as error:  # not retried (a timeout), but counted all the same
+            if error.reason is not None:
+                on_error(client.name, error.reason)
+            raise
     assert last is not None  # a route has at least one upstream (config check)
     if last.opened is not None:
         return last.opened  # the last upstream's own non-2xx answer, relayed as it is
@@ -225,7 +240,9 @@ async def _send(client: UpstreamClient, request: UpstreamRequest) -> aiohttp.Cli
             allow_redirects=False,
         )
     except aiohttp.SocketTimeoutError:
-        raise UpstreamTimeout(f"upstream {client.name!r} sent no answer in time") from None
+        raise UpstreamTimeout(
+            f"upstream {client.name!r} sent no answer in time", reason="idle_timeout"
+        ) from None
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc.__class__.__name__}")
         raise _Retryable(error) from exc
@@ -260,7 +277,9 @@ async def _first_chunk(opened: Opened) -> bytes:
     try:
         return await opened.response.content.readany()
     except (aiohttp.SocketTimeoutError, TimeoutError):
-        raise UpstreamTimeout(f"upstream {opened.upstream.name!r} sent no body in time") from None
+        raise UpstreamTimeout(
+            f"upstream {opened.upstream.name!r} sent no body in time", reason="idle_timeout"
+        ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         error = UpstreamError(
             f"upstream {opened.upstream.name!r} broke off before the body", reason="reset"
