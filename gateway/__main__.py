@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from .workers import run_workers
 
         return run_workers(settings, args.workers, args.log_format)
-    run_loop(serve(settings))
+    run_loop(serve(settings, config_path=args.config))
     return 0
 
 

@@ -1,8 +1,13 @@
 """Running the app: one process, or N processes sharing the port, and the SIGTERM drain.
 
-SIGTERM (or SIGINT): readiness turns false at once, the listening socket closes, requests on
-kept-alive connections get 503 `draining`, in-flight streams get `shutdown_grace_s` to finish,
-then whatever still runs is cancelled (and still logged and counted) and the process exits 0.
+SIGTERM (or SIGINT): readiness turns false at once, the listening socket closes, idle kept-alive
+connections close, requests on busy ones get 503 `draining`, in-flight streams get
+`shutdown_grace_s` to finish, then whatever still runs is cut (a stream ends with an SSE error
+event, `error_code` gateway_shutdown; every request is still logged and counted) and the
+process exits 0.
+
+SIGHUP (when the server knows its configuration file): the file is read again and applied to
+new requests, see reload.py; a stream in flight is not touched.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .app import create_app
-from .components import COMPONENTS
+from .components import COMPONENTS, ClientTimeouts
 from .config import Settings
+from .reload import Reloader
 
 log = structlog.get_logger("gateway")
+#: after the grace period, how long cut requests get to write their last event and be logged
+CUT_WAIT_S = 5.0
 
 
 async def start_server(
@@ -27,16 +35,20 @@ async def start_server(
     reuse_port: bool = False,
     registry: CollectorRegistry | None = None,
     exposition: CollectorRegistry | None = None,
+    timeouts: ClientTimeouts | None = None,
 ) -> web.AppRunner:
     """Build the app and listen; the bound port is `bound_port(runner)` (the config may say 0)."""
+    timeouts = timeouts or ClientTimeouts()
     app = create_app(settings, registry, exposition)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=settings.shutdown_grace_s,
+        keepalive_timeout=timeouts.idle_s,
     )
     await runner.setup()
+    app[COMPONENTS].timeouts = timeouts
     host, port = settings.listen.host, settings.listen.port
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port or None)
     await site.start()
@@ -50,9 +62,22 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def drain(runner: web.AppRunner, grace_s: float) -> None:
-    """Readiness false, stop listening, give in-flight streams grace_s, then stop."""
-    runner.app[COMPONENTS].lifecycle.draining = True
-    log.info("draining", grace_s=grace_s)
+    """Readiness false, stop listening, give in-flight requests grace_s, cut the rest, stop.
+
+    aiohttp's own shutdown would wait `shutdown_timeout` twice (once for the handlers, once
+    more after cancelling them) and cancel streams without a word to their clients; here the
+    grace is one period, and a cut stream ends with an SSE error event (proxy.py).
+    """
+    lifecycle = runner.app[COMPONENTS].lifecycle
+    lifecycle.draining = True
+    log.info("draining", grace_s=grace_s, in_flight=len(lifecycle.running()))
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle kept-alive connections close now, busy ones after
+    if not await lifecycle.wait(lifecycle.running(), grace_s):
+        log.warning("drain_grace_expired", cut=lifecycle.cut())
+        await lifecycle.wait(lifecycle.running(), CUT_WAIT_S)
     await runner.cleanup()
     log.info("stopped")
 
@@ -64,18 +89,31 @@ async def serve(
     registry: CollectorRegistry | None = None,
     exposition: CollectorRegistry | None = None,
     stop: asyncio.Event | None = None,
+    config_path: str | None = None,
 ) -> None:
-    """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain and return."""
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain and return.
+
+    With `config_path`, SIGHUP reloads that file (reload.Reloader).
+    """
     runner = await start_server(
         settings, reuse_port=reuse_port, registry=registry, exposition=exposition
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    reloader = Reloader(runner.app, config_path) if config_path is not None else None
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
+        signals.append(signal.SIGHUP)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
-        await drain(runner, settings.shutdown_grace_s)
+        if reloader is not None:
+            await reloader.cancel()
+        await drain(runner, runner.app[COMPONENTS].settings.shutdown_grace_s)
+        if reloader is not None:
+            await reloader.aclose()  # what a reload replaced, once its last stream ended
