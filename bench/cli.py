@@ -265,7 +265,7 @@ def _worker_steps(
     """Gateway capacity with 1 and 2 workers, everything sharing every core."""
     if not any(t.name == "gateway" for t in targets):
         return
-    shared_side = scenarios.LoadSide(place.shared, side.upstream_pid)
+    shared_side = scenarios.LoadSide(place.shared, side.upstream_pid)  # no core to itself
     for workers in (1, 2):
 
         def step(workers: int = workers) -> None:
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> report.Report:
     rep = report.Report(meta=meta(prof, place, note, nofile), targets=[])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, upstream(place.load) as (pid, port):
         env = Env(Path(tmp), port, place.proxy, nofile)
-        side = scenarios.LoadSide(place.load, pid)
+        side = scenarios.LoadSide(place.load, pid, procs.cpu_list(place.proxy))
         targets = build_targets(args.targets, env)
         running, rep.targets = start_targets(targets)
         try:

@@ -73,6 +73,34 @@ def usage(pids: Iterable[int]) -> Usage:
     return Usage(cpu_ticks / CLOCK_TICKS, rss_pages * PAGE_BYTES, time.monotonic())
 
 
+def cpu_busy_s(cpus: Iterable[int]) -> float:
+    """Seconds the given CPUs spent on anything but idle and iowait, from /proc/stat.
+
+    Compared with the proxy's own CPU time over the same window, it shows how much of the
+    proxy's core other processes took: on a shared machine that is the first thing to check.
+    """
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name in wanted:
+            ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy / CLOCK_TICKS
+
+
+def cpu_list(spec: str | None) -> tuple[int, ...]:
+    """CPUs of a taskset list such as `1` or `0,1` or `2-3` (empty when unpinned)."""
+    cpus: list[int] = []
+    for part in (spec or "").split(","):
+        if "-" in part:
+            low, high = part.split("-")
+            cpus += range(int(low), int(high) + 1)
+        elif part:
+            cpus.append(int(part))
+    return tuple(cpus)
+
+
 def free_port() -> int:
     """A loopback port free right now (the target binds it a moment later)."""
     with socket.socket() as sock:

@@ -114,6 +114,7 @@ PACED = _cols("""
     x nginx=ratio_to_nginx
     proxy_cores=proxy_cpu_cores
     saturated=saturated
+    foreign=foreign_cores
     load_cores=load_cpu_cores
     errors=errors
 """)
@@ -125,6 +126,7 @@ CAPACITY = _cols("""
     x 1 worker=scaling_vs_1_worker
     proxy_cores=proxy_cpu_cores
     events/s/core=events_per_proxy_core_s
+    foreign=foreign_cores
     load_cores=load_cpu_cores
     errors=errors
 """)

@@ -44,6 +44,7 @@ class PacedRow(msgspec.Struct, kw_only=True):
     streams_exact: int
     errors: dict[str, int]
     saturated: bool  # the proxy's core was full or it fell behind the offered load
+    foreign_cores: float | None  # other processes on the proxy's CPU: the figure is suspect
     ratio_to_nginx: float | None = None
 
 
@@ -56,6 +57,7 @@ class CapacityRow(msgspec.Struct, kw_only=True):
     events_per_s: float
     proxy_cpu_cores: float | None
     events_per_proxy_core_s: float | None  # capacity per core actually used: scaling sans load
+    foreign_cores: float | None
     load_cpu_cores: float
     streams_exact: int
     errors: dict[str, int]
@@ -110,6 +112,15 @@ class Measured:
     proxy: dict[str, procs.Usage] = field(default_factory=dict)
     load: dict[str, procs.Usage] = field(default_factory=dict)
     proxy_rss_peak: int = 0
+    proxy_cpu_busy: dict[str, float] = field(default_factory=dict)  # /proc/stat, by marker
+
+    def foreign_cores(self, side: LoadSide) -> float | None:
+        """Cores' worth of time other processes took on the proxy's CPUs over the window."""
+        if not side.proxy_cpus:
+            return None
+        busy = self.proxy_cpu_busy["window_end"] - self.proxy_cpu_busy["window_start"]
+        elapsed = self.proxy["window_end"].at - self.proxy["window_start"].at
+        return max(0.0, busy / elapsed - self.cores(self.proxy))
 
     def cores(self, which: dict[str, procs.Usage], start: str = "window_start",
               end: str = "window_end") -> float:  # fmt: skip
@@ -123,10 +134,11 @@ class Measured:
 
 @dataclass(frozen=True, slots=True)
 class LoadSide:
-    """Where the load generator runs and which processes count as the load side."""
+    """Where the load generator runs, which processes are the load side, and the proxy's CPUs."""
 
     cpus: str | None
     upstream_pid: int
+    proxy_cpus: tuple[int, ...] = ()  # empty: the proxy is not pinned, no foreign-load figure
 
 
 _LINE = msgspec.json.Decoder(Marker | LoadResult)
@@ -176,6 +188,7 @@ def _follow(
                 message = _LINE.decode(line)
                 name = message.name if isinstance(message, Marker) else "end"
                 m.proxy[name], m.load[name] = procs.usage(proxy_pids), procs.usage(load_pids)
+                m.proxy_cpu_busy[name] = procs.cpu_busy_s(side.proxy_cpus)
                 if isinstance(message, LoadResult):
                     result = message
         if sample_rss:
@@ -226,6 +239,7 @@ def paced(
         streams_exact=m.result.streams_exact,
         errors=m.result.errors,
         saturated=proxy_cores > SATURATED_CORES or events_per_s < 0.97 * offered,
+        foreign_cores=_round_opt(m.foreign_cores(side)),
     )
 
 
@@ -260,6 +274,7 @@ def capacity(
         events_per_s=round(events_per_s, 1),
         proxy_cpu_cores=_round(proxy_cores) if proxy_cores is not None else None,
         events_per_proxy_core_s=round(events_per_s / proxy_cores, 1) if proxy_cores else None,
+        foreign_cores=_round_opt(m.foreign_cores(side)),
         load_cpu_cores=_round(m.cores(m.load)),
         streams_exact=m.result.streams_exact,
         errors=m.result.errors,
@@ -359,3 +374,7 @@ def slow(side: LoadSide, target: Target, n: int, plan: SlowPlan) -> SlowRow:
 def _round(value: float) -> float:
     """Three significant decimals are plenty for figures that drift by percents."""
     return round(value, 3)
+
+
+def _round_opt(value: float | None) -> float | None:
+    return None if value is None else _round(value)
