@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,7 +24,7 @@ from .context import RequestContext
 from .errors import GatewayError, RateLimitExceeded, ServiceUnavailable
 from .limits import Admission, BackendUnavailable, LimitSpec, RateLimited
 from .metrics import finish_reason_label
-from .relay import RelayPlan, RelayResult
+from .relay import Observer, RelayPlan, RelayResult
 from .routing import RouteMatch
 from .tokens import Tokenizer, estimate_prompt_tokens
 
@@ -54,6 +54,32 @@ class LiveCount:
             self._reasoning.inc(reasoning)
         if self._admission is not None and self._admission.charge(completion):
             self.over = True
+
+
+class FrameEdge:
+    """An observer in front of another that knows whether the bytes so far end an SSE frame.
+
+    A frame ends with an empty line; lines end with LF, CR or CRLF. Only the last few bytes
+    are kept, so this costs nothing per chunk but a slice.
+    """
+
+    __slots__ = ("_inner", "_tail")
+
+    def __init__(self, inner: Observer) -> None:
+        self._inner = inner
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._inner.feed(chunk)
+        self._tail = (self._tail + chunk[-3:])[-3:]
+
+    @property
+    def at_frame_end(self) -> bool:
+        return self._tail.endswith(_FRAME_ENDS)
+
+
+#: the byte sequences that complete an empty line, i.e. end an SSE frame
+_FRAME_ENDS = (b"\n\n", b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n")
 
 
 class Exchange:
@@ -166,12 +192,26 @@ class Exchange:
             else:
                 plan.observer = meter
             if cut and self.admissions:
-                live = self.live
-                plan.over_budget = lambda: live.over
+                plan.over_budget = self._cut_check(plan)
         else:
             self.meter = JsonMeter(self.tokenizer, self.prompt_estimate)
             plan.observer = self.meter
         return plan
+
+    def _cut_check(self, plan: RelayPlan) -> Callable[[], bool]:
+        """When to cut an over-budget stream: only where an SSE frame ends.
+
+        The relay writes upstream reads as they come, and a read may end inside an event;
+        an error event written there would be glued to half a chunk, which no client can
+        parse. With `usage: inject` the relay writes whole frames only, so any read will do.
+        """
+        live = self.live
+        assert live is not None
+        if plan.observer is None:
+            return lambda: live.over
+        edge = FrameEdge(plan.observer)
+        plan.observer = edge
+        return lambda: live.over and edge.at_frame_end
 
     def injected_body_sent(self, opened: Opened) -> bool:
         """Whether this upstream got our include_usage: only then is its usage event hidden.
