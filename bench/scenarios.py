@@ -24,6 +24,7 @@ from bench.loadgen import LoadResult, LoadSpec, Marker, Percentiles
 from bench.targets import Target
 
 SATURATED_CORES = 0.95
+FOREIGN_RETRY_CORES = 0.2
 
 
 class BenchError(Exception):
@@ -45,6 +46,7 @@ class PacedRow(msgspec.Struct, kw_only=True):
     errors: dict[str, int]
     saturated: bool  # the proxy's core was full or it fell behind the offered load
     foreign_cores: float | None  # other processes on the proxy's CPU: the figure is suspect
+    attempts: int = 1  # 2 when the first window was contended (the quieter one is kept)
     ratio_to_nginx: float | None = None
 
 
@@ -211,7 +213,30 @@ def paced(
     warmup_s: float,
     window_s: float,
 ) -> PacedRow:
-    """CPU per event of the proxy while `streams` streams each send one event per `delay_ms`."""
+    """CPU per event of the proxy while `streams` streams each send one event per `delay_ms`.
+
+    A contended core makes a relay look cheaper (it wakes less often and reads several events
+    at once), so a window where other processes took the proxy's CPU is taken once more and
+    the quieter of the two is kept.
+    """
+    row = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s)
+    if target.roots() and (row.foreign_cores or 0.0) > FOREIGN_RETRY_CORES:
+        again = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s)
+        again.attempts = 2
+        row = min(row, again, key=lambda r: r.foreign_cores or 0.0)
+    return row
+
+
+def _paced_once(
+    side: LoadSide,
+    target: Target,
+    streams: int,
+    delay_ms: float,
+    events: int,
+    warmup_s: float,
+    window_s: float,
+) -> PacedRow:
+    """One paced window."""
     spec = LoadSpec(
         mode="loop",
         port=target.port,
