@@ -67,5 +67,8 @@ async def test_a_client_that_gives_up_before_the_first_byte_is_counted_as_a_disc
         line = await one_request_line(o.logs)
         await sdk.close()
         assert line["end"] == "client_disconnect" and line["completion_tokens"] == 0
+        assert line["status"] == 499  # nginx's "client closed request": no response had begun
         assert o.gw.metric("gateway_client_disconnects_total", **LABELS) == 1
+        code = {"upstream": "none", "code": "499"}
+        assert o.gw.metric("gateway_requests_total", **LABELS, **code) == 1
         assert o.gw.metric("gateway_active_streams", **LABELS) == 0
