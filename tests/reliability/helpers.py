@@ -118,7 +118,7 @@ def chat(sim: dict[str, Any] | None = None, *, stream: bool = True, model: str =
 @dataclass
 class Answer:
     status: int
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: bytes
     #: how reading the body ended, when it did not end cleanly
     error: BaseException | None = None
@@ -152,7 +152,8 @@ async def post(
                 received += piece
         except aiohttp.ClientError as exc:
             error = exc
-        return Answer(resp.status, dict(resp.headers), bytes(received), error)
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        return Answer(resp.status, headers, bytes(received), error)
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -200,7 +200,7 @@ async def test_a_gzip_encoded_answer_reaches_the_client_decoded() -> None:
             line = await request_line(logs)
         sent = sim_state(gw).requests[-1].headers
     assert sent["Accept-Encoding"] == "identity"  # asked for plain bytes; the upstream gzipped
-    assert answer.status == 200 and "Content-Encoding" not in answer.headers
+    assert answer.status == 200 and "content-encoding" not in answer.headers
     assert answer.json()["choices"][0]["message"]["content"] == "The quick brown fox"
     assert (line["end"], line["usage_source"], line["completion_tokens"]) == (
         "completed",
@@ -219,7 +219,7 @@ async def test_a_gzip_encoded_stream_is_relayed_decoded(upstream: FakeUpstream) 
         with capture_logs() as logs:
             answer = await post(gw, chat(model="test-1"))
             line = await request_line(logs)
-    assert answer.body == plain and "Content-Encoding" not in answer.headers
+    assert answer.body == plain and "content-encoding" not in answer.headers
     assert (line["end"], line["chunks"]) == ("completed", 1)
 
 
