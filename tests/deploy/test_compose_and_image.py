@@ -4,9 +4,11 @@ developed): every name, path, address and port one file gives another must agree
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,3 +330,41 @@ def test_build_context_keeps_what_the_image_copies_and_drops_the_rest() -> None:
         assert not _ignored(source.rstrip("/"), patterns), f"COPY {source}: excluded from context"
     for heavy in (".venv", ".git", "tests", "deploy/compose.yaml"):
         assert _ignored(heavy, patterns), heavy
+
+
+# --- command lines ------------------------------------------------------------------------
+
+
+def test_command_lines_parse_with_the_programs_own_argument_parsers(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """A flag the program does not know stops the container at start: parse each one here."""
+    from gateway.__main__ import parse_args as gateway_args
+    from gateway.sim.__main__ import parse_args as sim_args
+
+    deployment = assets.load_yaml(assets.K8S_BASE / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for args in (
+        services["gateway"]["command"],
+        exec_form(instruction(dockerfile().final, "CMD")),
+        container["args"],
+    ):
+        assert gateway_args(args).config == "/etc/gateway/gateway.yaml"
+    sim = sim_args(services["sim"]["command"])
+    assert sim.host == "0.0.0.0"  # reachable from the gateway container
+    plan = loadgen_args(services["loadgen"]["command"])
+    assert plan.requests is None  # the demo runs until the stack stops
+
+
+def loadgen_args(argv: list[str]) -> Any:
+    """The demo load generator's parser (a script, not a package: loaded from its path)."""
+    spec = importlib.util.spec_from_file_location("demo_load", assets.LOADGEN)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+        return module.parse_args(argv)
+    finally:
+        del sys.modules[spec.name]
