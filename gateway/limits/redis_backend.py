@@ -326,11 +326,18 @@ class RedisLimiter:
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
     async def _probe_until_up(self) -> None:
-        """Ping Redis every ``probe_interval_s`` until it answers, then leave degraded."""
+        """Ping Redis every ``probe_interval_s`` until it answers, then leave degraded.
+
+        Each probe first closes the idle pooled connections: those opened before the outage
+        are dead if Redis restarted, and each would fail its next command once, putting the
+        limiter straight back into the degraded state (and, with fail_open, letting a burst
+        of requests through uncounted). The ping then runs on a fresh connection.
+        """
         while True:
             await asyncio.sleep(self._probe_interval_s)
             try:
                 async with asyncio.timeout(self._probe_timeout_s):
+                    await self._redis.connection_pool.disconnect(inuse_connections=False)
                     await self._redis.ping()
             except _BACKEND_ERRORS:
                 continue

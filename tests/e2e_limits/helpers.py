@@ -22,7 +22,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Limits, Route, Settings, SimulatorSettings, Team, TeamLimits, Upstream
+from gateway.limits import create_limiter
 from gateway.tokens import estimate_prompt_tokens, load_tokenizer
+from tests.support.gateway import RunningGateway
 
 #: a team's gateway key (what clients send) and the upstream's key (what the gateway sends)
 TEAM_KEY = "sk-gw-limits-team-7c1e52"
@@ -160,3 +162,15 @@ def metric_sum(registry: CollectorRegistry, name: str, **labels: str) -> float:
 async def settled(registry: CollectorRegistry, requests: int, timeout_s: float = 5.0) -> None:
     """Wait until the gateway has finished (settled, counted) `requests` requests in all."""
     await eventually(lambda: metric_sum(registry, "gateway_requests_total") >= requests, timeout_s)
+
+
+def use_short_window(gw: RunningGateway, window_s: float, slots: int) -> None:
+    """Give a running in-process gateway a local limiter whose window is `window_s` long.
+
+    The window is 60 s in production and not a setting; a test that waits for capacity to
+    come back swaps the app's limiter for one built by the same factory with a shorter window.
+    The app closes whichever limiter it holds at shutdown.
+    """
+    comp = gw.components
+    assert comp.settings.limits.backend == "local"
+    comp.limiter = create_limiter("local", "", "fail_open", window_s=window_s, slots=slots)
