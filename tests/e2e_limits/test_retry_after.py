@@ -13,6 +13,7 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.config import Team
 from tests.support.clients import async_openai
 from tests.support.gateway import running_gateway
 
@@ -36,16 +37,14 @@ BODY = chat(SIM_MODEL, max_tokens=50, sim={"chunks": 48})
 
 
 @pytest.mark.parametrize(
-    ("limit", "limits"),
+    ("limit", "limited"),
     [
-        ("requests", {"requests_per_minute": 2}),
-        ("tokens", {"tokens_per_minute": 2 * reservation(BODY)}),
+        ("requests", team(requests_per_minute=2)),
+        ("tokens", team(tokens_per_minute=2 * reservation(BODY))),
     ],
 )
-async def test_a_retry_after_the_advertised_delay_is_admitted(
-    limit: str, limits: dict[str, int]
-) -> None:
-    async with running_gateway(sim_settings(team(**limits))) as gw, bulk_session() as session:
+async def test_a_retry_after_the_advertised_delay_is_admitted(limit: str, limited: Team) -> None:
+    async with running_gateway(sim_settings(limited)) as gw, bulk_session() as session:
         use_short_window(gw, window_s=2.0, slots=2)
         for _ in range(2):
             assert (await post(session, gw.url, BODY, auth())).status == 200
