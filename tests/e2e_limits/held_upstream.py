@@ -6,9 +6,9 @@ next request arrives. This upstream answers a streamed chat request with its hea
 first (role) chunk at once, so the gateway has started relaying, then waits for `release`
 before it sends the rest:
 
-- `chunks` content chunks (body field `chunks`, default 5), `pause_ms` apart (default none,
-  as a model trickles its tokens); with `split`, pairs of chunks go in three writes cut
-  inside their JSON, as TCP may deliver them;
+- `chunks` content chunks (body field `chunks`, default 5), each "tok" or `pad` x's long,
+  `pause_ms` apart (default none, as a model trickles its tokens); with `split`, pairs of
+  chunks go in three writes cut inside their JSON, as TCP may deliver them;
 - the finish chunk, a usage chunk (`PROMPT_TOKENS` + one completion token per content
   chunk), and `[DONE]`.
 
@@ -39,6 +39,8 @@ class HeldUpstream:
     received: list[dict[str, str]] = field(default_factory=list)
     #: requests that arrived and are waiting for `release` now
     waiting: int = 0
+    #: content bytes each stream's writes have handed to the socket, by body field `tag`
+    sent: dict[str, int] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -47,21 +49,27 @@ class HeldUpstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.received.append(dict(request.headers))
         body: dict[str, Any] = orjson.loads(await request.read())
-        chunks = int(body.get("chunks", 5))
-        pause_s = float(body.get("pause_ms", 0)) / 1000
-        split = body.get("split") is True
         if body.get("stream") is not True:
             await self._hold()
-            return web.json_response(_whole(chunks), dumps=lambda o: orjson.dumps(o).decode())
+            answer = _whole(int(body.get("chunks", 5)))
+            return web.json_response(answer, dumps=lambda o: orjson.dumps(o).decode())
+        return await self._stream(request, body)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        chunks = int(body.get("chunks", 5))
+        pause_s = float(body.get("pause_ms", 0)) / 1000
+        tag = str(body.get("tag", ""))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(_chunk({"role": "assistant", "content": ""}))
         await self._hold()
-        event = _chunk({"content": "tok"})
-        for piece in _split_pairs(event, chunks) if split else [event] * chunks:
+        event = _chunk({"content": "x" * int(body["pad"]) if "pad" in body else "tok"})
+        pieces = _split_pairs(event, chunks) if body.get("split") is True else [event] * chunks
+        for piece in pieces:
             if pause_s:
                 await asyncio.sleep(pause_s)
             await resp.write(piece)
+            self.sent[tag] = self.sent.get(tag, 0) + len(piece)
         await resp.write(_chunk({}, finish="stop"))
         await resp.write(_event({**_ID, "object": "chat.completion.chunk", "choices": [],
                                  "usage": _usage(chunks)}))  # fmt: skip
