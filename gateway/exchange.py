@@ -37,12 +37,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class LiveCount:
-    """The meter's sink: counts tokens into the metrics as they pass, charges the limiter."""
+    """The meter's sink: counts tokens into the metrics as they pass, charges the limiter.
 
-    __slots__ = ("_admission", "_completion", "_reasoning", "completion", "over", "reasoning")
+    Every admission is charged (the team's, and the team's budget for this model if it has
+    one), so the cut policy sees whichever budget is crossed first.
+    """
 
-    def __init__(self, completion: Any, reasoning: Any, admission: Admission | None) -> None:
-        self._completion, self._reasoning, self._admission = completion, reasoning, admission
+    __slots__ = ("_admissions", "_completion", "_reasoning", "completion", "over", "reasoning")
+
+    def __init__(self, completion: Any, reasoning: Any, admissions: list[Admission]) -> None:
+        self._completion, self._reasoning, self._admissions = completion, reasoning, admissions
         self.completion = self.reasoning = 0
         self.over = False
 
@@ -52,8 +56,9 @@ class LiveCount:
         if reasoning:
             self.reasoning += reasoning
             self._reasoning.inc(reasoning)
-        if self._admission is not None and self._admission.charge(completion):
-            self.over = True
+        for admission in self._admissions:
+            if admission.charge(completion):
+                self.over = True
 
 
 class FrameEdge:
@@ -182,7 +187,7 @@ class Exchange:
         self.live = LiveCount(
             tokens.labels(ctx.team, ctx.model, "completion"),
             tokens.labels(ctx.team, ctx.model, "reasoning"),
-            self.admissions[0] if self.admissions else None,
+            self.admissions,
         )
         if sse:
             meter = StreamMeter(self.tokenizer, self.live, self.prompt_estimate)

@@ -19,7 +19,7 @@ import pytest
 from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk
 
-from gateway.config import Limits
+from gateway.config import Limits, Team, TeamLimits
 from tests.support.clients import async_openai
 from tests.support.gateway import running_gateway
 
@@ -28,6 +28,7 @@ from .helpers import (
     MESSAGES,
     TEAM,
     TEAM_KEY,
+    TEST_LABEL,
     TEST_MODEL,
     Reply,
     auth,
@@ -190,3 +191,32 @@ async def test_finish_policy_lets_an_over_budget_stream_end_and_counts_its_token
             assert refused.status == 429
             assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
             assert metric_sum(gw.registry, "gateway_rate_limited_total", limit="tokens") == 1
+
+
+async def test_a_model_budget_of_the_team_is_charged_live_and_cuts_too() -> None:
+    """`model_limits` adds a budget for one model of the team; chunks count against it as they
+    pass, like against the team's own, so the cut policy sees it being crossed."""
+    produced = 500
+    limited = Team(
+        name=TEAM,
+        keys=(TEAM_KEY,),
+        model_limits={TEST_LABEL: TeamLimits(tokens_per_minute=100)},
+    )
+    limits = Limits(on_token_budget_exceeded="cut")
+    async with held_upstream() as up:
+        up.release.set()
+        async with running_gateway(upstream_settings(up.base_url, limited, limits=limits)) as gw:
+            client = await async_openai(gw.base_url, TEAM_KEY, max_retries=0)
+            async with client:
+                stream = await client.chat.completions.create(
+                    model=TEST_MODEL,
+                    messages=MESSAGES,
+                    stream=True,
+                    max_tokens=10,
+                    extra_body={"chunks": produced, "pause_ms": 1},
+                )
+                received: list[str] = []
+                with pytest.raises(openai.APIError) as raised:
+                    await read_content(stream, received)
+    assert "token budget ran out" in raised.value.message
+    assert len(received) < produced
