@@ -18,7 +18,7 @@ for svc in redis-server prometheus nginx; do
   (command -v service >/dev/null && service "$svc" stop >/dev/null 2>&1) || true
 done
 bash deploy/bootstrap.sh --dev
-echo "== ruff"; .venv/bin/ruff check gateway tests bench
-echo "== ruff format"; .venv/bin/ruff format --check gateway tests bench
+echo "== ruff"; .venv/bin/ruff check gateway tests bench deploy/loadgen
+echo "== ruff format"; .venv/bin/ruff format --check gateway tests bench deploy/loadgen
 echo "== mypy --strict"; .venv/bin/mypy
 echo "== pytest"; exec .venv/bin/pytest "$@"
