@@ -80,9 +80,10 @@ async def test_a_key_configured_as_its_sha256_digest_is_accepted() -> None:
         async with running_gateway(upstream_settings(up.base_url, hashed)) as gw:
             assert (await post(session, gw.url, BODY, auth())).status == 200
             assert_openai_401(await post(session, gw.url, BODY, auth(digest)))
-            assert gw.metric(
+            counted = gw.metric(
                 "gateway_requests_total", team=TEAM, model=TEST_LABEL, upstream="up", code="200"
             )
+            assert counted == 1
 
 
 async def test_the_client_key_never_reaches_the_upstream_nor_the_log(

@@ -3,7 +3,7 @@
 The gateway awaits every write to the client, so a client that reads slowly makes the gateway
 read its upstream slowly; nothing queues in between. Measured from outside: the gateway runs
 as `python -m gateway` and its resident memory (VmRSS) is read while a client reads one byte
-every 10 ms from a 64 MB stream and 200 fast streams run beside it. A client that stops
+every 10 ms from a 125 MiB stream and 200 fast streams run beside it. A client that stops
 reading entirely is cut off after `write_stall_timeout_s`.
 """
 
@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from .helpers import (
 )
 
 FAST_STREAMS, FAST_CHUNKS = 200, 100
-SLOW_CHUNKS, SLOW_PAD = 8000, 8192  # a 64 MiB stream
+SLOW_CHUNKS, SLOW_PAD = 16000, 8192  # 125 MiB: more than any kernel buffers hold
 SLOW_BYTES = SLOW_CHUNKS * SLOW_PAD
 #: how much the gateway's memory may grow while the slow stream is open beside the fast ones
 RSS_BOUND = 24 * 1024 * 1024
@@ -117,25 +118,33 @@ def raw_request(body: dict[str, Any], key: str = TEAM_KEY) -> bytes:
     return head.encode() + payload
 
 
+@dataclass
+class Progress:
+    """What a raw slow client has read so far, and whether the gateway ended its stream."""
+
+    read: int = 0
+    eof: bool = False
+
+
 @asynccontextmanager
 async def slow_client(
     url: str, body: dict[str, Any], read_every_s: float | None
-) -> AsyncIterator[list[int]]:
-    """A raw socket with a 4 KiB receive buffer that sends `body` and then reads one byte
-    every `read_every_s` (never, with None). Yields [bytes read so far, 1 once EOF was seen]."""
+) -> AsyncIterator[Progress]:
+    """A raw socket with a 4 KiB receive buffer that sends `body`, then reads one byte every
+    `read_every_s` (or nothing at all, with None) until the block ends."""
     loop = asyncio.get_running_loop()
     host, port = url.removeprefix("http://").split(":")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
-    progress = [0, 0]
+    progress = Progress()
 
     async def trickle() -> None:
         while read_every_s is not None:
             if not await loop.sock_recv(sock, 1):
-                progress[1] = 1
+                progress.eof = True
                 return
-            progress[0] += 1
+            progress.read += 1
             await asyncio.sleep(read_every_s)
 
     try:
@@ -174,7 +183,7 @@ async def test_a_slow_reader_holds_bounded_memory_while_200_fast_streams_complet
     slow_body = chat(TEST_MODEL, stream=True, chunks=SLOW_CHUNKS, pad=SLOW_PAD, tag="slow")
     async with held_upstream() as up, gateway_process(gateway_config(up), tmp_path) as gw:
         up.release.set()
-        await fast_streams(gw.url)  # warm-up: the memory 200 streams need, before measuring
+        alone = await fast_streams(gw.url)  # warm-up: the memory 200 streams need
         baseline = await rss(gw)
         async with slow_client(gw.url, slow_body, read_every_s=0.01) as progress:
             await eventually(lambda: up.sent.get("slow", 0) > 0)
@@ -182,13 +191,14 @@ async def test_a_slow_reader_holds_bounded_memory_while_200_fast_streams_complet
             async with peak.watching():
                 durations = await fast_streams(gw.url)
             pushed = up.sent["slow"]
-            assert progress[1] == 0, "the slow stream is still open, its client still reading"
+            assert not progress.eof, "the slow stream is still open, its client still reading"
         print(
             f"\nbackpressure: gateway RSS {baseline / MiB:.1f} MiB after warm-up, peak"
             f" {peak.peak / MiB:.1f} MiB with a 1 B/10 ms reader beside {FAST_STREAMS} fast"
             f" streams (median {statistics.median(durations) * 1000:.0f} ms, max"
-            f" {max(durations) * 1000:.0f} ms); the slow stream's upstream could push"
-            f" {pushed / MiB:.1f} of {SLOW_BYTES / MiB:.0f} MiB, its client read {progress[0]} B"
+            f" {max(durations) * 1000:.0f} ms; without it median"
+            f" {statistics.median(alone) * 1000:.0f} ms); the slow stream's upstream could push"
+            f" {pushed / MiB:.1f} of {SLOW_BYTES / MiB:.1f} MiB, its client read {progress.read} B"
         )
         assert peak.peak - baseline < RSS_BOUND
         assert pushed < SLOW_BYTES / 2  # the upstream is held back, not drained into memory

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -72,7 +73,9 @@ async def test_a_third_concurrent_stream_is_refused_until_one_ends() -> None:
                     pass
 
 
-async def hold_one(session: Any, gw: RunningGateway, up: HeldUpstream) -> asyncio.Task[Reply]:
+async def hold_one(
+    session: aiohttp.ClientSession, gw: RunningGateway, up: HeldUpstream
+) -> asyncio.Task[Reply]:
     """A stream that holds the gateway's only in-flight place until the upstream releases."""
     holder = asyncio.create_task(post(session, gw.url, chat(TEST_MODEL, stream=True), auth()))
     await eventually(lambda: up.waiting == 1)
