@@ -97,6 +97,6 @@ async def test_three_processes_sharing_redis_admit_exactly_100_in_total(
     async with bulk_session() as session:
         replies = await post_all(session, urls, REQUESTS, BODY)
     report("three processes sharing one Redis", replies)
-    per_process = [by_status(replies[i :: len(urls)])[200] for i in range(len(urls))]
-    print(f"admitted per process: {per_process}")
+    shares = [by_status(replies[i :: len(urls)]) for i in range(len(urls))]
+    print("admitted/sent per process: " + ", ".join(f"{c[200]}/{c.total()}" for c in shares))
     assert_exactly_limit_admitted(replies)
