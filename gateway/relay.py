@@ -29,6 +29,8 @@ STALL_CHECK_BYTES = 64 * 1024
 
 Outcome = Literal["completed", "client_disconnect", "upstream_error", "limit"]
 Write = Callable[[bytes], Awaitable[None]]
+#: how a complete SSE event ends (a blank line after LF, CRLF or CR line ends)
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class Observer(Protocol):
@@ -75,6 +77,8 @@ class _Ended(Exception):
     def __init__(self, outcome: Outcome, error: GatewayError) -> None:
         super().__init__(error.message)
         self.outcome, self.error = outcome, error
+        #: whether the bytes sent so far end with a complete SSE event
+        self.at_boundary = True
 
 
 async def pump(
@@ -87,8 +91,12 @@ async def pump(
         return RelayResult("client_disconnect")
     except _Ended as ended:
         if plan.sse:
+            # an event cut in half would swallow the error event: close it off first
+            event = sse_error_event(ended.error)
+            if not ended.at_boundary:
+                event = b"\n\n" + event
             with contextlib.suppress(ClientGone):
-                await _guarded_write(resp, plan)(sse_error_event(ended.error))
+                await _guarded_write(resp, plan)(event)
         return RelayResult(ended.outcome, ended.error)
     return RelayResult("completed")
 
@@ -104,22 +112,27 @@ async def _loop(
     gap, over = plan.on_chunk_gap, plan.over_budget
     clock = time.perf_counter
     last = clock()
-    chunk = first
-    while chunk:
-        await write(chunk)
-        if feed is not None:
-            feed(chunk)
-        if over is not None and over():
-            raise _Ended("limit", _budget_error())
-        chunk = await _read(content)
-        if gap is not None:
-            now = clock()
-            gap(now - last)
-            last = now
-    if frames is not None:
-        await frames.flush()
-    if plan.end_check is not None and (error := plan.end_check()) is not None:
-        raise _Ended("upstream_error", error)
+    chunk = sent = first
+    try:
+        while chunk:
+            await write(chunk)
+            sent = chunk
+            if feed is not None:
+                feed(chunk)
+            if over is not None and over():
+                raise _Ended("limit", _budget_error())
+            chunk = await _read(content)
+            if gap is not None:
+                now = clock()
+                gap(now - last)
+                last = now
+        if frames is not None:
+            await frames.flush()
+        if plan.end_check is not None and (error := plan.end_check()) is not None:
+            raise _Ended("upstream_error", error)
+    except _Ended as ended:
+        ended.at_boundary = frames is not None or sent.endswith(_EVENT_ENDS)
+        raise
 
 
 def _guarded_write(resp: web.StreamResponse, plan: RelayPlan) -> Write:
@@ -128,7 +141,10 @@ def _guarded_write(resp: web.StreamResponse, plan: RelayPlan) -> Write:
 
     async def write(chunk: bytes) -> None:
         try:
-            if transport is not None and transport.get_write_buffer_size() > STALL_CHECK_BYTES:
+            if (
+                transport is not None
+                and transport.get_write_buffer_size() + len(chunk) > STALL_CHECK_BYTES
+            ):
                 async with asyncio.timeout(stall_s):
                     await resp.write(chunk)
             else:

@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from gateway.config import Limits
 from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
@@ -204,13 +203,6 @@ async def test_a_slow_reader_holds_bounded_memory_while_200_fast_streams_complet
         assert pushed < SLOW_BYTES / 2  # the upstream is held back, not drained into memory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay._guarded_write arms the stall timeout only when the client's write buffer is"
-    " already over 64 KiB before a write, but the write that blocks is the one that takes it"
-    " over (aiohttp drains then): that write waits forever. Arming it when"
-    " `get_write_buffer_size() + len(chunk) > STALL_CHECK_BYTES` fixes it (checked by hand).",
-)
 async def test_a_client_that_stops_reading_is_cut_after_the_write_stall_timeout(
     logs: list[MutableMapping[str, Any]],
 ) -> None:
