@@ -56,6 +56,8 @@ COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
 #: how long a stream cut by the drain gets to write its last event
 CUT_WRITE_S = 1.0
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+#: a body left unread or unreadable: the connection cannot carry another request
+_UNREAD_BODY = {"Connection": "close"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +137,19 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
                     raise _too_large(max_bytes)
     except TimeoutError:
         error = BadRequest(
-            f"The request body did not arrive within {timeout_s} s.", code="request_timeout"
+            f"The request body did not arrive within {timeout_s} s.",
+            code="request_timeout",
+            headers=_UNREAD_BODY,
         )
         error.status = 408
         raise error from None
+    except web.RequestPayloadError:  # a body that does not match its Content-Encoding
+        encoding = request.headers.get("Content-Encoding", "identity")
+        raise BadRequest(
+            f"The request body could not be decoded (Content-Encoding: {encoding!r}).",
+            code="invalid_request_body",
+            headers=_UNREAD_BODY,
+        ) from None
     return bytes(body)
 
 

@@ -25,14 +25,14 @@ from yarl import URL
 from .config import Upstream
 from .errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 
-#: request headers never forwarded upstream: hop-by-hop, the client's own credentials, and the
-#: ones the client session computes itself
+#: request headers never forwarded upstream: hop-by-hop, the client's own credentials, the
+#: ones the client session computes itself, and Content-Encoding (the server decoded the body)
 DROP_REQUEST_HEADERS = frozenset(
     h.lower()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
         "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Content-Length",
-        "Accept-Encoding", "Cookie", "Expect", "Api-Key", "X-Api-Key",
+        "Accept-Encoding", "Cookie", "Expect", "Api-Key", "X-Api-Key", "Content-Encoding",
     )
 )  # fmt: skip
 
