@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -121,6 +122,25 @@ async def test_a_form_body_is_an_openai_shaped_400() -> None:
         assert requests_counted(gw, "400") == 1
     assert_openai_error(answer, 400, "invalid_request")
     assert line["status"] == 400
+
+
+async def test_a_gzip_request_body_is_decoded_and_goes_upstream_plain() -> None:
+    async with gateway(sim_settings()) as gw:
+        answer = await post(gw, gzip.compress(chat()), headers={"Content-Encoding": "gzip"})
+        received = sim_state(gw).requests[-1]
+    assert answer.status == 200
+    assert received.body == chat() and "Content-Encoding" not in received.headers
+
+
+async def test_a_body_that_does_not_match_its_content_encoding_is_400() -> None:
+    async with gateway(sim_settings()) as gw:
+        with capture_logs() as logs:
+            answer = await post(gw, b"\x00\x00 not gzip", headers={"Content-Encoding": "gzip"})
+            line = await request_line(logs)
+        assert requests_counted(gw, "400") == 1
+        assert sim_state(gw).requests_received == 0
+    assert_openai_error(answer, 400, "invalid_request_body")
+    assert (line["end"], line["status"]) == ("rejected", 400)
 
 
 # -- slow clients -----------------------------------------------------------------------------
