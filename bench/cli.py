@@ -265,7 +265,8 @@ def _worker_steps(
     """Gateway capacity with 1 and 2 workers, everything sharing every core."""
     if not any(t.name == "gateway" for t in targets):
         return
-    shared_side = scenarios.LoadSide(place.shared, side.upstream_pid)  # no core to itself
+    shared = procs.cpu_list(place.shared)
+    shared_side = scenarios.LoadSide(place.shared, side.upstream_pid, shared)  # all share all
     for workers in (1, 2):
 
         def step(workers: int = workers) -> None:

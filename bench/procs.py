@@ -29,10 +29,21 @@ class Usage:
     cpu_s: float
     rss_bytes: int
     at: float
+    cpu_s_by_pid: tuple[tuple[int, float], ...] = ()
 
     def cores_since(self, earlier: Usage) -> float:
         """Average number of cores busy between two readings."""
         return (self.cpu_s - earlier.cpu_s) / max(1e-9, self.at - earlier.at)
+
+    def cores_by_pid_since(self, earlier: Usage) -> list[float]:
+        """Cores each process kept busy between two readings, busiest first.
+
+        With several workers this shows whether the kernel spread connections among them.
+        """
+        before = dict(earlier.cpu_s_by_pid)
+        elapsed = max(1e-9, self.at - earlier.at)
+        cores = [(cpu - before.get(pid, 0.0)) / elapsed for pid, cpu in self.cpu_s_by_pid]
+        return sorted((round(c, 3) for c in cores), reverse=True)
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -64,13 +75,15 @@ def tree(roots: Iterable[int]) -> list[int]:
 
 def usage(pids: Iterable[int]) -> Usage:
     """CPU and RSS summed over `pids` (processes that have gone count nothing)."""
-    cpu_ticks, rss_pages = 0, 0
+    by_pid: list[tuple[int, float]] = []
+    rss_pages = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            cpu_ticks += int(fields[11]) + int(fields[12])
+            by_pid.append((pid, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
             rss_pages += int(fields[21])
-    return Usage(cpu_ticks / CLOCK_TICKS, rss_pages * PAGE_BYTES, time.monotonic())
+    cpu_s = sum(cpu for _, cpu in by_pid)
+    return Usage(cpu_s, rss_pages * PAGE_BYTES, time.monotonic(), tuple(by_pid))
 
 
 def cpu_busy_s(cpus: Iterable[int]) -> float:

@@ -87,6 +87,8 @@ def _fmt(value: object) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, list):
+        return "/".join(_fmt(v) for v in value) or "-"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "0"
     return str(value)[:120]
@@ -126,6 +128,7 @@ CAPACITY = _cols("""
     x 1 worker=scaling_vs_1_worker
     proxy_cores=proxy_cpu_cores
     events/s/core=events_per_proxy_core_s
+    per_process=process_cores
     foreign=foreign_cores
     load_cores=load_cpu_cores
     errors=errors

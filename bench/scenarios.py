@@ -59,6 +59,7 @@ class CapacityRow(msgspec.Struct, kw_only=True):
     events_per_s: float
     proxy_cpu_cores: float | None
     events_per_proxy_core_s: float | None  # capacity per core actually used: scaling sans load
+    process_cores: list[float]  # per proxy process, busiest first: are workers evenly loaded?
     foreign_cores: float | None
     load_cpu_cores: float
     streams_exact: int
@@ -117,12 +118,15 @@ class Measured:
     proxy_cpu_busy: dict[str, float] = field(default_factory=dict)  # /proc/stat, by marker
 
     def foreign_cores(self, side: LoadSide) -> float | None:
-        """Cores' worth of time other processes took on the proxy's CPUs over the window."""
+        """Cores' worth of time processes outside the bench took on the proxy's CPUs."""
         if not side.proxy_cpus:
             return None
         busy = self.proxy_cpu_busy["window_end"] - self.proxy_cpu_busy["window_start"]
         elapsed = self.proxy["window_end"].at - self.proxy["window_start"].at
-        return max(0.0, busy / elapsed - self.cores(self.proxy))
+        ours = self.cores(self.proxy) + (
+            self.cores(self.load) if side.load_shares_proxy_cpus else 0
+        )
+        return max(0.0, busy / elapsed - ours)
 
     def cores(self, which: dict[str, procs.Usage], start: str = "window_start",
               end: str = "window_end") -> float:  # fmt: skip
@@ -141,6 +145,11 @@ class LoadSide:
     cpus: str | None
     upstream_pid: int
     proxy_cpus: tuple[int, ...] = ()  # empty: the proxy is not pinned, no foreign-load figure
+
+    @property
+    def load_shares_proxy_cpus(self) -> bool:
+        """Whether the load side runs on the proxy's CPUs too (the --workers comparison)."""
+        return bool(set(procs.cpu_list(self.cpus)) & set(self.proxy_cpus))
 
 
 _LINE = msgspec.json.Decoder(Marker | LoadResult)
@@ -222,7 +231,7 @@ def paced(
     row = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s)
     if target.roots() and (row.foreign_cores or 0.0) > FOREIGN_RETRY_CORES:
         again = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s)
-        again.attempts = 2
+        row.attempts = again.attempts = 2
         row = min(row, again, key=lambda r: r.foreign_cores or 0.0)
     return row
 
@@ -299,6 +308,7 @@ def capacity(
         events_per_s=round(events_per_s, 1),
         proxy_cpu_cores=_round(proxy_cores) if proxy_cores is not None else None,
         events_per_proxy_core_s=round(events_per_s / proxy_cores, 1) if proxy_cores else None,
+        process_cores=m.proxy["window_end"].cores_by_pid_since(m.proxy["window_start"]),
         foreign_cores=_round_opt(m.foreign_cores(side)),
         load_cpu_cores=_round(m.cores(m.load)),
         streams_exact=m.result.streams_exact,
