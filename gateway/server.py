@@ -104,9 +104,9 @@ async def serve(
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     reloader = Reloader(runner.app, config_path) if config_path is not None else None
-    if reloader is not None:
-        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
-        signals.append(signal.SIGHUP)
+    # without a file to read, SIGHUP is logged and ignored (its default action would kill us)
+    loop.add_signal_handler(signal.SIGHUP, reloader.trigger if reloader else _no_reload)
+    signals.append(signal.SIGHUP)
     try:
         await stop.wait()
     finally:
@@ -117,3 +117,7 @@ async def serve(
         await drain(runner, runner.app[COMPONENTS].settings.shutdown_grace_s)
         if reloader is not None:
             await reloader.aclose()  # what a reload replaced, once its last stream ended
+
+
+def _no_reload() -> None:
+    log.warning("reload_ignored", reason="started without --config: there is no file to reload")

@@ -78,20 +78,21 @@ async def write_yaml(path: Path, config: Mapping[str, Any]) -> None:
 
 @asynccontextmanager
 async def gateway_process(
-    config: Mapping[str, Any], workdir: Path
+    config: Mapping[str, Any] | None, workdir: Path
 ) -> AsyncIterator[GatewayProcess]:
-    """Start the gateway on a free port with `config` written to workdir; wait until ready."""
+    """Start the gateway on a free port with `config` written to workdir (None: no --config,
+    the built-in defaults); wait until it is ready."""
     port = free_port()
     path = workdir / "gateway.yaml"
-    await write_yaml(path, config)
+    arguments = ["--port", str(port)]
+    if config is not None:
+        await write_yaml(path, config)
+        arguments += ["--config", str(path)]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "gateway",
-        "--config",
-        str(path),
-        "--port",
-        str(port),
+        *arguments,
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -125,6 +125,17 @@ async def test_sighup_applies_a_new_configuration_without_dropping_a_stream(
     assert code == 0
 
 
+async def test_sighup_without_a_configuration_file_is_ignored_not_fatal(tmp_path: Path) -> None:
+    async with gateway_process(None, tmp_path) as gw:
+        gw.signal(signal.SIGHUP)
+        ignored = await gw.line(lambda line: line["event"] == "reload_ignored")
+        status = await status_of(gw.url, "any", "sim-1")  # still serving
+        gw.signal(signal.SIGTERM)
+        code = await gw.exit_code()
+    assert "--config" in ignored["reason"]
+    assert (status, code) == (200, 0)
+
+
 async def test_an_unreadable_or_invalid_file_is_rejected_and_the_old_configuration_stays(
     tmp_path: Path,
 ) -> None:
