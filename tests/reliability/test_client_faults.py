@@ -104,6 +104,9 @@ async def test_a_json_body_under_another_content_type_goes_upstream_as_json(
             answer = await post(gw, chat(), headers={"Content-Type": content_type})
             line = await request_line(logs)
         received = sim_state(gw).requests[-1]
+        assert gw.metric(
+            "gateway_requests_total", team="anonymous", model=SIM, upstream="sim", code="200"
+        )
     assert answer.status == 200 and answer.events()[-1] == b"[DONE]"
     assert received.headers["Content-Type"] == "application/json"
     assert received.body == chat()  # the body itself is untouched
@@ -372,7 +375,8 @@ async def test_path_traversal_in_the_pass_through_route_is_refused(
                 port_of(gw), f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
             )
             line = await request_line(logs)
-    status = int(answer.split(b" ", 2)[1])
+        status = int(answer.split(b" ", 2)[1])
+        assert requests_counted(gw, str(status)) == 1
     assert status in (400, 404)  # a path with CR/LF matches no route at all
     body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -405,6 +409,9 @@ async def test_absolute_url_tricks_only_ever_reach_the_configured_upstream(
                 f"GET {target} HTTP/1.1\r\nHost: evil.example\r\n".encode() + CLOSE,
             )
             line = await request_line(logs)
+        assert gw.metric(
+            "gateway_requests_total", team="anonymous", model="other", upstream="up0", code="200"
+        )
     (seen,) = upstream.received
     assert answer.startswith(b"HTTP/1.1 200")  # served, so by the only upstream there is
     assert (seen.path, seen.query) == ABSOLUTE[target]

@@ -158,6 +158,8 @@ async def test_a_data_line_of_several_mib_passes_whole() -> None:
             answer = await post(gw, chat({"fault": "big_line", "fail_after": 1, "big_bytes": size}))
             line = await request_line(logs)
         await settled(gw)
+        assert gw.metric("gateway_sse_decode_errors_total", model=SIM) == 0  # parsed whole
+        assert gw.metric("gateway_finish_reason_total", model=SIM, reason="stop") == 1
     big = max(answer.events(), key=len)
     assert answer.status == 200 and answer.events()[-1] == b"[DONE]"
     assert len(big) >= size - 64
@@ -199,6 +201,9 @@ async def test_a_gzip_encoded_answer_reaches_the_client_decoded() -> None:
             answer = await post(gw, chat({"fault": "gzip"}, stream=False))
             line = await request_line(logs)
         sent = sim_state(gw).requests[-1].headers
+        assert (
+            gw.metric("gateway_tokens_total", team="anonymous", model=SIM, type="completion") == 4
+        )
     assert sent["Accept-Encoding"] == "identity"  # asked for plain bytes; the upstream gzipped
     assert answer.status == 200 and "content-encoding" not in answer.headers
     assert answer.json()["choices"][0]["message"]["content"] == "The quick brown fox"
@@ -219,6 +224,7 @@ async def test_a_gzip_encoded_stream_is_relayed_decoded(upstream: FakeUpstream) 
         with capture_logs() as logs:
             answer = await post(gw, chat(model="test-1"))
             line = await request_line(logs)
+        assert gw.metric("gateway_finish_reason_total", model="test-*", reason="stop") == 1
     assert answer.body == plain and "content-encoding" not in answer.headers
     assert (line["end"], line["chunks"]) == ("completed", 1)
 
@@ -251,6 +257,7 @@ async def test_a_stream_with_a_finish_reason_but_no_done_is_complete() -> None:
             answer = await post(gw, chat({"fault": "no_done"}))
             line = await request_line(logs)
         assert upstream_errors(gw, "truncated") == 0
+        assert gw.metric("gateway_finish_reason_total", model=SIM, reason="stop") == 1
         await settled(gw)
     assert b"[DONE]" not in answer.body and b'"error"' not in answer.body
     assert (line["end"], line["finish_reason"]) == ("completed", "stop")
