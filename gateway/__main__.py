@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         from .workers import run_workers
 
-        return run_workers(settings, args.workers, args.log_format)
+        return run_workers(settings, args.workers, args.log_format, args.config)
     run_loop(serve(settings, config_path=args.config))
     return 0
 

@@ -91,6 +91,11 @@ class Settings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: Listen = Listen()
     max_request_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    #: a connection with no request in progress (idle keep-alive, or a request head that never
+    #: completes: slowloris) is closed after this long
+    client_idle_timeout_s: float = 75.0
+    #: the whole request body must arrive within this long, else 408
+    client_body_timeout_s: float = 60.0
     upstreams: dict[str, Upstream] = {}
     routes: tuple[Route, ...] = ()
     teams: tuple[Team, ...] = ()
@@ -223,6 +228,8 @@ def _check_numbers(settings: Settings) -> list[str]:
     checks = {
         "$.max_request_bytes": settings.max_request_bytes > 0,
         "$.shutdown_grace_s": settings.shutdown_grace_s >= 0,
+        "$.client_idle_timeout_s": settings.client_idle_timeout_s > 0,
+        "$.client_body_timeout_s": settings.client_body_timeout_s > 0,
         "$.limits.max_inflight": limits.max_inflight > 0,
         "$.limits.queue_timeout_s": limits.queue_timeout_s >= 0,
         "$.limits.write_stall_timeout_s": limits.write_stall_timeout_s > 0,

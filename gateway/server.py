@@ -38,7 +38,9 @@ async def start_server(
     timeouts: ClientTimeouts | None = None,
 ) -> web.AppRunner:
     """Build the app and listen; the bound port is `bound_port(runner)` (the config may say 0)."""
-    timeouts = timeouts or ClientTimeouts()
+    timeouts = timeouts or ClientTimeouts(
+        idle_s=settings.client_idle_timeout_s, body_s=settings.client_body_timeout_s
+    )
     app = create_app(settings, registry, exposition)
     runner = web.AppRunner(
         app,

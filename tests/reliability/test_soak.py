@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import itertools
 import os
@@ -73,7 +74,9 @@ def expect(sim: dict[str, Any] | None, status: int, ending: bytes, **kw: Any) ->
 async def leave_mid_stream(session: aiohttp.ClientSession, url: str) -> str:
     body = chat({"chunks": 400, "delay_ms": 2})
     async with session.post(f"{url}/v1/chat/completions", data=body) as resp:
-        await resp.content.readexactly(600)
+        # on a saturated machine the upstream idle timeout may end the stream first
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await resp.content.readexactly(600)
         resp.close()  # the client goes away with the stream running
     return "ok"
 
@@ -182,7 +185,7 @@ def count_requests(counter: list[int]) -> Callable[[WrappedLogger, str, EventDic
 @pytest.mark.slow
 @pytest.mark.timeout(SOAK_S + 150)
 async def test_soak_with_faults_returns_to_baseline() -> None:
-    settings = sim_settings(read_idle_timeout_s=0.3, max_connections=MAX_CONNECTIONS, chunks=8)
+    settings = sim_settings(read_idle_timeout_s=1.0, max_connections=MAX_CONNECTIONS, chunks=8)
     slow_start = Route(models=("ka-*",), upstreams=("sim",), tokenizer="chunks",
                        keepalive_comment_s=0.05)  # fmt: skip
     settings = msgspec.structs.replace(settings, routes=(*settings.routes, slow_start))
