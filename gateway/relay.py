@@ -6,6 +6,12 @@ parses a copy and never changes what is sent. The write is awaited, so a slow cl
 own upstream read through TCP backpressure and nothing queues in between; a client that reads
 nothing for `write_stall_s` is cut off.
 
+For a plain SSE stream (no `usage: inject` framing), everything after the first chunk goes
+through `gateway.fastpath`: each piece is written from inside the upstream's read callback,
+and a full client buffer pauses the upstream's reading instead of an awaited write; the
+stall timeout, the budget cut and the error events follow the same rules as the loop here,
+which stays for inject mode, non-SSE bodies and anything the fast path cannot take.
+
 The relay decides nothing about tokens or limits: it reports how the stream ended.
 """
 
@@ -22,6 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from .errors import GatewayError, RateLimitExceeded, UpstreamError, UpstreamTimeout, sse_error_event
+from .fastpath import Tap, tap
 from .sse import ServerSentEvent, SSEDecoder
 
 #: past this many bytes waiting in the client's socket buffer, a write may block: bound it
@@ -77,8 +84,8 @@ class _Ended(Exception):
     def __init__(self, outcome: Outcome, error: GatewayError) -> None:
         super().__init__(error.message)
         self.outcome, self.error = outcome, error
-        #: whether the bytes sent so far end with a complete SSE event
-        self.at_boundary = True
+        #: whether the bytes sent so far end with a complete SSE event (None: not known yet)
+        self.at_boundary: bool | None = None
 
 
 async def pump(
@@ -113,6 +120,7 @@ async def _loop(
     clock = time.perf_counter
     last = clock()
     chunk = sent = first
+    fast = frames is None and plan.sse
     try:
         while chunk:
             await write(chunk)
@@ -121,6 +129,10 @@ async def _loop(
                 feed(chunk)
             if over is not None and over():
                 raise _Ended("limit", _budget_error())
+            if fast and (tapped := tap(resp, content, plan.client_transport, sent)) is not None:
+                await _run_tap(*tapped, plan)
+                break
+            fast = False
             chunk = await _read(content)
             if gap is not None:
                 now = clock()
@@ -131,8 +143,33 @@ async def _loop(
         if plan.end_check is not None and (error := plan.end_check()) is not None:
             raise _Ended("upstream_error", error)
     except _Ended as ended:
-        ended.at_boundary = frames is not None or sent.endswith(_EVENT_ENDS)
+        if ended.at_boundary is None:
+            ended.at_boundary = frames is not None or sent.endswith(_EVENT_ENDS)
         raise
+
+
+async def _run_tap(fast: Tap, buffered: list[bytes], plan: RelayPlan) -> None:
+    """The rest of the stream through the fast path (see gateway.fastpath)."""
+    observer = plan.observer
+    fast.observe(
+        observer.feed if observer is not None else None, plan.on_chunk_gap, plan.over_budget
+    )
+    try:
+        for piece in buffered:
+            fast.deliver(piece)
+        end = await fast.run(plan.write_stall_s)
+    except _UPSTREAM_FAILURES as exc:
+        ended = _upstream_failed(exc)
+        ended.at_boundary = fast.last.endswith(_EVENT_ENDS)
+        raise ended from exc
+    finally:
+        fast.close()
+    if end == "client_gone":
+        raise ClientGone
+    if end == "cut":
+        ended = _Ended("limit", _budget_error())
+        ended.at_boundary = fast.last.endswith(_EVENT_ENDS)
+        raise ended
 
 
 def _guarded_write(resp: web.StreamResponse, plan: RelayPlan) -> Write:
@@ -178,19 +215,34 @@ class _FrameWriter:
             await self._write(rest)
 
 
+#: how an upstream body read fails mid-stream: the idle timeout, then breaks of any kind
+_UPSTREAM_FAILURES = (
+    aiohttp.SocketTimeoutError,
+    TimeoutError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    ConnectionError,
+)
+
+
 async def _read(content: aiohttp.StreamReader) -> bytes:
     try:
         return await content.readany()
-    except (aiohttp.SocketTimeoutError, TimeoutError):
-        error: GatewayError = UpstreamTimeout(
+    except _UPSTREAM_FAILURES as exc:
+        raise _upstream_failed(exc) from exc
+
+
+def _upstream_failed(exc: BaseException) -> _Ended:
+    error: GatewayError
+    if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
+        error = UpstreamTimeout(
             "The upstream went silent in the middle of the stream.", reason="idle_timeout"
         )
-        raise _Ended("upstream_error", error) from None
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
+    else:
         error = UpstreamError(
             f"The upstream broke off the stream ({exc.__class__.__name__}).", reason="reset"
         )
-        raise _Ended("upstream_error", error) from exc
+    return _Ended("upstream_error", error)
 
 
 def _budget_error() -> GatewayError:

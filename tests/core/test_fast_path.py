@@ -1,0 +1,90 @@
+"""The SSE fast path: after the first chunk, the relay writes each upstream piece from inside
+the upstream's read callback, and a full client buffer pauses the upstream's reading."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.client_proto import ResponseHandler
+
+from tests.core.conftest import settings_for
+from tests.support.fake_upstream import FakeUpstream, Script
+from tests.support.gateway import running_gateway
+
+EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+BODY = {"model": "test-1", "stream": True, "messages": []}
+
+
+async def test_paced_events_are_relayed_without_a_read_call_per_event(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces = [EVENT] * 40 + [b"data: [DONE]\n\n"]
+    upstream.scripts.append(Script(pieces, pause_s=0.002))
+    reads = 0
+    readany: Callable[[aiohttp.StreamReader], Awaitable[bytes]] = aiohttp.StreamReader.readany
+
+    async def counted(self: aiohttp.StreamReader) -> bytes:
+        nonlocal reads
+        reads += 1
+        return await readany(self)
+
+    monkeypatch.setattr(aiohttp.StreamReader, "readany", counted)
+    async with running_gateway(settings_for(upstream.base_url)) as gw:
+        raw = await _exchange(gw.url, pause_s=0)  # a raw client: its reads are not counted
+    assert _dechunk(raw.partition(b"\r\n\r\n")[2]) == b"".join(pieces)
+    assert reads < 10  # the request body and the first chunk; not one per event
+
+
+async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_every_byte(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 32_000 + b'"}}]}\n\n'
+    pieces = [big] * 256 + [b"data: [DONE]\n\n"]  # 8 MiB: more than the socket buffers hold
+    upstream.scripts.append(Script(pieces))
+    pauses = 0
+    pause_reading = ResponseHandler.pause_reading
+
+    def counted(self: ResponseHandler) -> None:
+        nonlocal pauses
+        pauses += 1
+        pause_reading(self)
+
+    monkeypatch.setattr(ResponseHandler, "pause_reading", counted)
+    async with running_gateway(settings_for(upstream.base_url)) as gw:
+        raw = await _exchange(gw.url, pause_s=0.5)
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert _dechunk(chunked) == b"".join(pieces)
+    assert pauses > 0
+
+
+async def _exchange(url: str, pause_s: float) -> bytes:
+    """One streamed request over a raw connection; nothing is read for `pause_s` at first."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = orjson.dumps(BODY)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload)
+    )
+    await asyncio.sleep(pause_s)  # reading nothing meanwhile: the gateway's writes back up
+    try:
+        async with asyncio.timeout(20):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return bytes(out)
+        out += data[:size]
+        data = data[size + 2 :]
