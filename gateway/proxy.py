@@ -318,7 +318,8 @@ async def _answer(
     if result.outcome == "completed":
         _note_error_event(exchange)
         opened.release()
-        await _write_eof(resp)
+    # the final chunk terminator goes out after the middleware recorded the request's metrics
+    # and log line: a client that has the whole answer can already see both
     return resp
 
 
@@ -430,11 +431,6 @@ def _as_gateway_error(status: int, body: bytes) -> GatewayError:
     error = GatewayError(f"The upstream answered {status}: {_upstream_message(body)}")
     error.status = status
     return error
-
-
-async def _write_eof(resp: web.StreamResponse) -> None:
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await resp.write_eof()
 
 
 def render_error(error: GatewayError, extra_headers: Mapping[str, str]) -> web.Response:
