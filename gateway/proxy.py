@@ -31,7 +31,6 @@ from .errors import (
     RequestTooLarge,
     ServiceUnavailable,
     UpstreamError,
-    error_response,
     sse_error_event,
 )
 from .exchange import Exchange
@@ -48,8 +47,6 @@ from .upstream import (
 
 #: endpoints whose body must be a JSON object naming a model
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
-#: above this many body bytes, the prompt estimate runs in a thread, off the event loop
-ESTIMATE_IN_THREAD_BYTES = 64 * 1024
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
 #: streams that end with `finish_reason` or `[DONE]`: one that ends with neither was cut short
 COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
@@ -431,12 +428,3 @@ def _as_gateway_error(status: int, body: bytes) -> GatewayError:
     error = GatewayError(f"The upstream answered {status}: {_upstream_message(body)}")
     error.status = status
     return error
-
-
-def render_error(error: GatewayError, extra_headers: Mapping[str, str]) -> web.Response:
-    response = error_response(error)
-    response.headers.update(extra_headers)
-    return response
-
-
-__all__ = ["RequestContext", "handle", "parse_json", "read_body", "render_error"]
