@@ -26,12 +26,14 @@ from .limits import Admission, BackendUnavailable, LimitSpec, RateLimited
 from .metrics import finish_reason_label
 from .relay import Observer, RelayPlan, RelayResult
 from .routing import RouteMatch
+from .sse import ends_frame
 from .tokens import Tokenizer, estimate_prompt_tokens
 
 if TYPE_CHECKING:
     from .components import Components
     from .upstream import Opened
 
+#: above this many body bytes, the prompt estimate runs in a thread, off the event loop
 ESTIMATE_IN_THREAD_BYTES = 64 * 1024
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -80,11 +82,7 @@ class FrameEdge:
 
     @property
     def at_frame_end(self) -> bool:
-        return self._tail.endswith(_FRAME_ENDS)
-
-
-#: the byte sequences that complete an empty line, i.e. end an SSE frame
-_FRAME_ENDS = (b"\n\n", b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n")
+        return ends_frame(self._tail)
 
 
 class Exchange:

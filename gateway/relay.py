@@ -29,15 +29,13 @@ from aiohttp import web
 
 from .errors import GatewayError, RateLimitExceeded, UpstreamError, UpstreamTimeout, sse_error_event
 from .fastpath import Tap, tap
-from .sse import ServerSentEvent, SSEDecoder
+from .sse import ServerSentEvent, SSEDecoder, ends_frame
 
 #: past this many bytes waiting in the client's socket buffer, a write may block: bound it
 STALL_CHECK_BYTES = 64 * 1024
 
 Outcome = Literal["completed", "client_disconnect", "upstream_error", "limit"]
 Write = Callable[[bytes], Awaitable[None]]
-#: how a complete SSE event ends (a blank line after LF, CRLF or CR line ends)
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class Observer(Protocol):
@@ -144,7 +142,7 @@ async def _loop(
             raise _Ended("upstream_error", error)
     except _Ended as ended:
         if ended.at_boundary is None:
-            ended.at_boundary = frames is not None or sent.endswith(_EVENT_ENDS)
+            ended.at_boundary = frames is not None or ends_frame(sent)
         raise
 
 
@@ -160,7 +158,7 @@ async def _run_tap(fast: Tap, buffered: list[bytes], plan: RelayPlan) -> None:
         end = await fast.run(plan.write_stall_s)
     except _UPSTREAM_FAILURES as exc:
         ended = _upstream_failed(exc)
-        ended.at_boundary = fast.last.endswith(_EVENT_ENDS)
+        ended.at_boundary = ends_frame(fast.last)
         raise ended from exc
     finally:
         fast.close()
@@ -168,7 +166,7 @@ async def _run_tap(fast: Tap, buffered: list[bytes], plan: RelayPlan) -> None:
         raise ClientGone
     if end == "cut":
         ended = _Ended("limit", _budget_error())
-        ended.at_boundary = fast.last.endswith(_EVENT_ENDS)
+        ended.at_boundary = ends_frame(fast.last)
         raise ended
 
 

@@ -39,6 +39,16 @@ class ServerSentEvent:
     retry: int | None
 
 
+#: the byte sequences that complete an empty line, i.e. end an SSE frame (lines end with LF,
+#: CR or CRLF, so the empty line after `...\n` may be `\n`, `\r` or `\r\n`)
+FRAME_ENDS = (b"\n\n", b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n")
+
+
+def ends_frame(data: bytes) -> bool:
+    """Whether bytes that end with `data` stop exactly at the end of an SSE frame."""
+    return data.endswith(FRAME_ENDS)
+
+
 Frame = tuple[bytes, ServerSentEvent | None]
 """The raw bytes of one frame (up to and including its blank line) and what it dispatched."""
 
