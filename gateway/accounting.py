@@ -84,7 +84,10 @@ class _ThinkText:
     def add(self, text: str, count: Count) -> tuple[int, int]:
         """Count a content piece; return (completion, reasoning) deltas."""
         if not self.carry and "<" not in text:  # the common case: no tag can be here
-            return self._plain(text, count)
+            n = count(text)
+            if self.state == self.ANSWER:
+                return n, 0
+            return self._counted(n)
         text, self.carry = self.carry + text, ""
         completion = reasoning = 0
         while text:
@@ -99,7 +102,10 @@ class _ThinkText:
         return self._plain(text, count) if text else (0, 0)
 
     def _plain(self, text: str, count: Count) -> tuple[int, int]:
-        n = count(text)
+        return self._counted(count(text))
+
+    def _counted(self, n: int) -> tuple[int, int]:
+        """`n` tokens of plain text, in the current state."""
         if self.state == self.THINK:
             return n, n
         if self.state == self.START:
@@ -350,14 +356,20 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> None:
         """Count the events that this chunk of the stream completes."""
-        ledger = self._ledger
-        for event in self._decoder.feed(chunk):
-            data = event.data
-            if data == _DONE:
-                ledger.saw_done = True
-            else:
-                ledger.observe(ledger.parse(data), "delta")
+        data = self._decoder.whole_event_data(chunk)  # nearly every chunk: one whole event
+        if data is not None:
+            self._count(data)
+        else:
+            for event in self._decoder.feed(chunk):
+                self._count(event.data)
         self._report()
+
+    def _count(self, data: bytes) -> None:
+        ledger = self._ledger
+        if data == _DONE:
+            ledger.saw_done = True
+        else:
+            ledger.observe(ledger.parse(data), "delta")
 
     def feed_event(self, event: ServerSentEvent) -> None:
         """Count one event the relay already decoded."""

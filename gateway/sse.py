@@ -91,9 +91,9 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Return the events that `chunk` completes, in order."""
-        event = self._fast_event(chunk)
-        if event is not None:
-            return [event]
+        data = self.whole_event_data(chunk)
+        if data is not None:
+            return [ServerSentEvent(None, data, self._last_id, None)]
         return [event for _, event in self._frames(chunk) if event is not None]
 
     def feed_frames(self, chunk: bytes) -> list[Frame]:
@@ -107,9 +107,9 @@ class SSEDecoder:
         either frame is still safe: the CR alone already ended the line for any client,
         and a lone LF is only an empty line that dispatches nothing.
         """
-        event = self._fast_event(chunk)
-        if event is not None:
-            return [(chunk, event)]
+        data = self.whole_event_data(chunk)
+        if data is not None:
+            return [(chunk, ServerSentEvent(None, data, self._last_id, None))]
         return self._frames(chunk)
 
     def flush(self) -> list[ServerSentEvent]:
@@ -128,20 +128,21 @@ class SSEDecoder:
         event = self._dispatch()
         return [] if event is None else [event]
 
-    def _fast_event(self, chunk: bytes) -> ServerSentEvent | None:
-        """Decode the common chunk, one whole `data:` event and nothing else, directly.
+    def whole_event_data(self, chunk: bytes) -> bytes | None:
+        """The data of `chunk` if it is one whole `data:` event and nothing else, else None.
 
-        Upstreams write one token per event and the network usually delivers each
-        event in one read, so this path is taken for nearly every chunk: a handful of
-        byte scans in C and one allocation, instead of the general line machinery.
+        Upstreams write one token per event and the network usually delivers each event in
+        one read, so this is true of nearly every chunk: a handful of byte scans in C, and
+        the general line machinery is skipped. The event it returns is dispatched (it has
+        no `event` or `retry` field; its id is the stream's last one); when it returns None
+        the chunk must go to `feed` or `feed_frames`.
         """
         if not (self._fast_ok and chunk.startswith(b"data:") and chunk.endswith(b"\n\n")):
             return None
         end = len(chunk) - 2
         if chunk.find(b"\n", 5) != end or b"\r" in chunk:
             return None
-        start = 6 if chunk[5:6] == b" " else 5
-        return ServerSentEvent(None, chunk[start:end], self._last_id, None)
+        return chunk[6 if chunk[5:6] == b" " else 5 : end]
 
     def _frames(self, chunk: bytes) -> list[Frame]:
         """General path: cut lines, run the field machine, cut frames at blank lines."""

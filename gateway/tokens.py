@@ -80,18 +80,34 @@ _BPE_SPECS: Mapping[str, _BpeSpec] = {
 }
 
 
+#: the count cache of a BPE tokenizer: pieces up to this long, this many of them (~2 MB)
+COUNT_CACHE_MAX_CHARS = 16
+COUNT_CACHE_ENTRIES = 16384
+
+
 class BpeTokenizer:
     """An OpenAI BPE encoding. Special-token text in model output counts as plain text."""
 
-    __slots__ = ("_encode", "encoding", "name")
+    __slots__ = ("_encode", "_known", "encoding", "name")
 
     def __init__(self, name: str, encoding: tiktoken.Encoding) -> None:
         self.name = name
         self.encoding = encoding
         self._encode = encoding.encode_ordinary  # bound once: count() runs per chunk
+        #: counts of short pieces seen before: a stream's deltas are mostly a token or two,
+        #: and the same few thousand of them come back all the time (a dict hit costs a
+        #: sixth of an encode); bounded, and emptied whole when full
+        self._known: dict[str, int] = {}
 
     def count(self, text: str) -> int:
-        return len(self._encode(text))
+        n = self._known.get(text)
+        if n is None:
+            n = len(self._encode(text))
+            if len(text) <= COUNT_CACHE_MAX_CHARS:
+                if len(self._known) >= COUNT_CACHE_ENTRIES:
+                    self._known.clear()
+                self._known[text] = n
+        return n
 
 
 class ChunksTokenizer:
