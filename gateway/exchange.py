@@ -23,7 +23,7 @@ from .config import Team
 from .context import RequestContext
 from .errors import GatewayError, RateLimitExceeded, ServiceUnavailable
 from .limits import Admission, BackendUnavailable, LimitSpec, RateLimited
-from .metrics import finish_reason_label
+from .metrics import BatchedObserver, finish_reason_label
 from .relay import Observer, RelayPlan, RelayResult
 from .routing import RouteMatch
 from .sse import ends_frame
@@ -103,6 +103,7 @@ class Exchange:
         #: the body sent to `usage: inject` upstreams asks for usage the client did not
         self.injected = False
         self._stream_started: float | None = None
+        self._gaps: BatchedObserver | None = None
         self._settled = False
 
     # -- admission ---------------------------------------------------------------------------
@@ -178,7 +179,8 @@ class Exchange:
         if sse:
             comp.metrics.ttft.labels(ctx.model, opened.upstream.name).observe(ctx.ttft_ms / 1000)
             comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
-            plan.on_chunk_gap = comp.metrics.inter_chunk.labels(ctx.model).observe
+            self._gaps = BatchedObserver(comp.metrics.inter_chunk.labels(ctx.model))
+            plan.on_chunk_gap = self._gaps.observe
         if not self.match.route.accounting:
             return plan
         tokens = comp.metrics.tokens
@@ -281,6 +283,8 @@ class Exchange:
             metrics.decode_errors.labels(ctx.model).inc(tally.decode_errors)
 
     def _record_stream_end(self) -> None:
+        if self._gaps is not None:
+            self._gaps.flush()
         if self._stream_started is None or not self.ctx.stream:
             return
         ctx, metrics = self.ctx, self.comp.metrics

@@ -1,0 +1,66 @@
+"""A stream's inter-chunk gaps are gathered and added in batches: same histogram as observe."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.metrics import BatchedObserver, GatewayMetrics
+
+
+def samples(values: list[float], *, batched: bool, batch: int = 64) -> dict[str, float]:
+    """The histogram's samples by name and `le` (the sum may differ in its last bits: the
+    batch adds in another order)."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    child = metrics.inter_chunk.labels("m")
+    if batched:
+        observer = BatchedObserver(child, batch)
+        for value in values:
+            observer.observe(value)
+        observer.flush()
+    else:
+        for value in values:
+            child.observe(value)
+    return {
+        f"{sample.name}{sample.labels.get('le', '')}": sample.value
+        for family in metrics.registry.collect()
+        if family.name == "gateway_inter_chunk_seconds"
+        for sample in family.samples
+    }
+
+
+def test_batched_observations_give_the_histogram_observe_gives() -> None:
+    rng = random.Random(7)
+    bounds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+    # every bucket edge exactly (le is inclusive), values between them, and past the last
+    values = bounds + [rng.uniform(0, 7) for _ in range(500)] + [0.0, 60.0]
+    expected = samples(values, batched=False)
+    assert len(expected) == len(bounds) + 4  # the buckets, +Inf, count, sum, created
+    for batch in (64, 1):
+        got = samples(values, batched=True, batch=batch)
+        created = "gateway_inter_chunk_seconds_created"
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            if name != created:
+                assert got[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_observations_show_every_batch_and_all_of_them_after_flush() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    observer = BatchedObserver(metrics.inter_chunk.labels("m"), batch=10)
+
+    def count() -> float | None:
+        name = "gateway_inter_chunk_seconds_count"
+        return metrics.registry.get_sample_value(name, {"model": "m"})
+
+    for _ in range(9):
+        observer.observe(0.01)
+    assert count() == 0
+    observer.observe(0.01)
+    assert count() == 10
+    observer.observe(0.01)
+    observer.flush()
+    observer.flush()  # nothing pending: a second flush adds nothing
+    assert count() == 11
