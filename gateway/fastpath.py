@@ -27,6 +27,11 @@ What this relies on in aiohttp (3.14), and why:
 * `StreamReader._protocol` is the upstream connection's `ResponseHandler`; its
   `pause_reading()` pauses the parser after the current piece and the transport, and
   `resume_reading()` parses what was held back, synchronously, then reads again.
+* the client protocol's `read_timeout` (sock_read) re-arms a timer on every read; a tap
+  sets it to None while it holds the stream (aiohttp then stops re-arming) and keeps the
+  same idle deadline itself with one timer per idle period, checked lazily against the
+  last read, and puts it back when it lets go. Reads held back by the tap's own pause are
+  not the upstream's silence, so the deadline restarts when reading resumes.
 * on the client side, `StreamResponse._payload_writer` is the connection's `StreamWriter`:
   its `chunked`, `length`, `_compress`, headers-sent state and hooks say whether its
   framing is the plain one reproduced here; its `protocol.writing_paused` is the client
@@ -46,6 +51,7 @@ from typing import Literal, cast
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_writer import StreamWriter
 
 #: how a tapped stream ended without an upstream error
@@ -103,6 +109,8 @@ class Tap:
         "_feed",
         "_gap",
         "_held",
+        "_idle_handle",
+        "_idle_s",
         "_last_at",
         "_over",
         "_reader",
@@ -122,7 +130,7 @@ class Tap:
     ) -> None:
         self._reader, self._writer, self._transport = reader, writer, transport
         self._client = writer.protocol
-        self._upstream = reader._protocol
+        self._upstream = cast(ResponseHandler, reader._protocol)
         self._chunked = writer.chunked
         self._feed: Feed | None = None
         self._gap: Callable[[float], None] | None = None
@@ -134,6 +142,16 @@ class Tap:
         self._last_at = time.perf_counter()
         #: the last piece written to the client (does the stream so far end an SSE event?)
         self.last = last
+        self._idle_s: float | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    def watch_idle(self) -> None:
+        """Take over the upstream's idle-read timeout (see the module's notes)."""
+        upstream = self._upstream
+        self._idle_s = upstream.read_timeout
+        if self._idle_s:
+            upstream.read_timeout = None
+            self._arm_idle(self._idle_s)
 
     def observe(
         self,
@@ -161,12 +179,16 @@ class Tap:
             return
         self._writer.output_size += len(framed)
         self.last = data
-        if self._feed is not None:
-            self._observe(data)
+        now = time.perf_counter()
         if self._gap is not None:
-            now = time.perf_counter()
             self._gap(now - self._last_at)
-            self._last_at = now
+        self._last_at = now
+        if self._feed is not None:
+            try:
+                self._feed(data)
+            except Exception:
+                self._feed = None
+                structlog.get_logger("gateway").exception("stream_observer_failed")
         if self._over is not None and self._over():
             self._stop("cut")
         elif self._client.writing_paused and not self._held:
@@ -201,7 +223,13 @@ class Tap:
                 self._wake = None
 
     def close(self) -> None:
-        """Give the reader back its plain class (the relay ended, however it ended)."""
+        """Give the reader back its plain class and the upstream its idle timeout (the relay
+        ended, however it ended)."""
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if self._idle_s:
+            self._upstream.read_timeout = self._idle_s
         reader = self._reader
         if type(reader) is _TappedReader:
             reader._detach()
@@ -216,16 +244,26 @@ class Tap:
             self._end = "client_gone"
             return
         self._held = False
+        self._last_at = time.perf_counter()  # the idle deadline counts from here again
         if self._end is None and self._error is None and not self._reader.is_eof():
             self._upstream.resume_reading()  # may deliver held pieces, and hold again
 
-    def _observe(self, data: bytes) -> None:
-        assert self._feed is not None
-        try:
-            self._feed(data)
-        except Exception:
-            self._feed = None
-            structlog.get_logger("gateway").exception("stream_observer_failed")
+    def _arm_idle(self, delay: float) -> None:
+        self._idle_handle = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """The idle timer fired: the upstream timed out if nothing came since one period."""
+        self._idle_handle = None
+        idle_s = self._idle_s
+        if idle_s is None or self._end is not None or self._error is not None:
+            return
+        left = self._last_at + idle_s - time.perf_counter()
+        if self._held or left > 0:
+            self._arm_idle(idle_s if self._held else left)
+            return
+        # what aiohttp's own sock_read timer raises, through the same reader
+        timeout = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+        self._reader.set_exception(timeout)
 
     def _stop(self, end: TapEnd) -> None:
         self._end = end
@@ -261,6 +299,7 @@ def tap(
         or type(writer) is not StreamWriter
         or not _plain_writer(writer)
         or type(reader) is not aiohttp.StreamReader
+        or not isinstance(reader._protocol, ResponseHandler)
         or reader.exception() is not None
         or reader._waiter is not None
     ):
@@ -272,6 +311,7 @@ def tap(
     else:
         _set_class(reader, _TappedReader)
         reader._waiter = cast("asyncio.Future[None]", new)
+        new.watch_idle()
     return new, buffered
 
 

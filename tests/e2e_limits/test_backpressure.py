@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 
 from gateway.config import Limits
@@ -160,6 +161,18 @@ async def slow_client(
         sock.close()
 
 
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body, decoded (the gateway frames what it relays as it reads it)."""
+    out, at = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[end + 2 : end + 2 + size]
+        at = end + 2 + size + 2
+
+
 async def fast_stream(session: aiohttp.ClientSession, url: str) -> float:
     """One whole fast stream; checks it is complete and returns how long it took."""
     started = time.perf_counter()
@@ -221,3 +234,39 @@ async def test_a_client_that_stops_reading_is_cut_after_the_write_stall_timeout(
             disconnects = gw.metric("gateway_client_disconnects_total", team=TEAM, model=TEST_LABEL)
             assert disconnects == 1
             assert up.sent["stalled"] < SLOW_BYTES / 2
+
+
+async def test_a_client_pausing_longer_than_the_upstream_idle_timeout_still_gets_it_all(
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """While the gateway holds the upstream back for a slow client, the upstream is not idle:
+    its read timeout only counts the upstream's own silence."""
+    chunks, pad = 4000, 8192  # 32 MiB: the kernel buffers fill and the gateway must hold
+    body = chat(TEST_MODEL, stream=True, chunks=chunks, pad=pad, tag="paused")
+    async with held_upstream() as up:
+        up.release.set()
+        settings = upstream_settings(up.base_url, team(), limits=Limits(write_stall_timeout_s=10))
+        upstream = msgspec.structs.replace(settings.upstreams["up"], read_idle_timeout_s=0.3)
+        settings = msgspec.structs.replace(settings, upstreams={"up": upstream})
+        async with running_gateway(settings) as gw:
+            loop = asyncio.get_running_loop()
+            host, port = gw.url.removeprefix("http://").split(":")
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (host, int(port)))
+                await loop.sock_sendall(sock, raw_request(body))
+                await eventually(lambda: up.sent.get("paused", 0) > 0)
+                await asyncio.sleep(1.5)  # five idle timeouts long, reading nothing
+                assert up.sent["paused"] < chunks * pad / 2  # held back, not finished
+                received = bytearray()
+                while not received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
+                    piece = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
+                    assert piece, "the gateway closed the stream"
+                    received += piece
+            await eventually(lambda: any(entry.get("event") == "request" for entry in logs))
+        head, _, chunked = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+        assert dechunk(chunked).count(b"x" * pad) == chunks
+        (line,) = [entry for entry in logs if entry.get("event") == "request"]
+        assert line["end"] == "completed", line
