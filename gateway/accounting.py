@@ -19,6 +19,7 @@ Nothing here raises on what an upstream sends: bad JSON is counted and skipped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -29,6 +30,9 @@ from gateway.sse import ServerSentEvent, SSEDecoder
 from gateway.tokens import Tokenizer
 
 _DONE = b"[DONE]"
+_CONTENT_KEY = b'"content":"'
+#: bytes that cannot stand as they are inside a JSON string: its end, an escape, a control
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 _OPEN = "<think>"
 _CLOSE = "</think>"
 _CLOSE_LEN = len(_CLOSE)
@@ -326,6 +330,68 @@ def _int_or(value: Any, default: int) -> int:
     return value if type(value) is int and value >= 0 else default
 
 
+class _Template:
+    """The bytes around the text of a stream's plain text chunks, learnt from one of them.
+
+    Upstreams send the same chunk over and over with only the text changed: same id,
+    model, created, choice index, `finish_reason: null`. Once the full path has parsed a
+    chunk whose only effect was text for one choice, a later chunk made of the very same
+    bytes around a plain JSON string (no quote, escape or control character; valid UTF-8)
+    has the same effect with its own text, so it is counted without the JSON parse and the
+    dict walk. Anything else, and any chunk that differs by one byte, takes the full path.
+    """
+
+    __slots__ = ("index", "prefix", "suffix")
+
+    def __init__(self, prefix: bytes, suffix: bytes, index: int) -> None:
+        self.prefix, self.suffix, self.index = prefix, suffix, index
+
+    @classmethod
+    def learn(cls, data: bytes, obj: Any) -> _Template | None:
+        """The template of `data`, if its parse `obj` is a plain text chunk, else None."""
+        if type(obj) is not dict or obj.get("usage") is not None or obj.get("error") is not None:
+            return None
+        choices = obj.get("choices")
+        if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+            return None
+        choice = choices[0]
+        delta = choice.get("delta")
+        if choice.get("finish_reason") is not None or "text" in choice:
+            return None
+        if type(delta) is not dict or len(delta) != 1:
+            return None
+        text = delta.get("content")
+        if type(text) is not str or not text:
+            return None
+        index = choice.get("index", 0)
+        raw = text.encode()
+        start = data.find(_CONTENT_KEY) + len(_CONTENT_KEY)
+        end = start + len(raw)
+        if (
+            start < len(_CONTENT_KEY)
+            or data.find(_CONTENT_KEY, start) >= 0
+            or data[start:end] != raw
+            or data[end : end + 1] != b'"'
+            or _NOT_PLAIN.search(raw)
+        ):
+            return None  # the text is escaped in the JSON, or the key shows up twice
+        return cls(data[:start], data[end:], index if type(index) is int else 0)
+
+    def text(self, data: bytes) -> str | None:
+        """The text of `data` if it is this template around a plain string, else None."""
+        prefix, suffix = self.prefix, self.suffix
+        end = len(data) - len(suffix)
+        if end < len(prefix) or not data.startswith(prefix) or not data.endswith(suffix):
+            return None
+        raw = data[len(prefix) : end]
+        if _NOT_PLAIN.search(raw):
+            return None
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return None
+
+
 class StreamMeter:
     """Counts the tokens of one SSE stream in real time, from a copy of its bytes.
 
@@ -343,10 +409,23 @@ class StreamMeter:
         "_reported",
         "_reported_reasoning",
         "_sink",
+        "_template",
+        "_templates",
     )
 
-    def __init__(self, tokenizer: Tokenizer, sink: TokenSink, prompt_estimate: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        sink: TokenSink,
+        prompt_estimate: int,
+        *,
+        templates: bool = True,
+    ) -> None:
         self._ledger = _Ledger(tokenizer)
+        #: count plain text chunks by their template (see `_Template`); off only in tests,
+        #: which check that it changes no count
+        self._templates = templates
+        self._template: _Template | None = None
         self._decoder = SSEDecoder()
         self._sink = sink
         self._prompt_estimate = prompt_estimate
@@ -366,10 +445,18 @@ class StreamMeter:
 
     def _count(self, data: bytes) -> None:
         ledger = self._ledger
-        if data == _DONE:
+        template = self._template
+        if template is not None and (text := template.text(data)) is not None:
+            if text:  # an empty text carries nothing, as in the full path
+                ledger.content(template.index, text)
+                ledger.chunks += 1
+        elif data == _DONE:
             ledger.saw_done = True
         else:
-            ledger.observe(ledger.parse(data), "delta")
+            obj = ledger.parse(data)
+            ledger.observe(obj, "delta")
+            if self._templates:
+                self._template = _Template.learn(data, obj) or template
 
     def feed_event(self, event: ServerSentEvent) -> None:
         """Count one event the relay already decoded."""
