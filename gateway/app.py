@@ -17,9 +17,9 @@ limiter) is created and closed in `cleanup_ctx`, in `_lifespan`.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -165,7 +165,7 @@ async def _watch_limiter(comp: Components) -> None:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else _new_request_id()
     ctx = RequestContext(request_id=request_id, started=time.perf_counter())
     request[CTX] = ctx
     if request.path in PUBLIC_PATHS:
@@ -185,6 +185,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _new_request_id() -> str:
+    """32 random hex digits, as a uuid4's hex but without a system call: an id needs to be
+    unique, not secret (`random` reseeds itself in each forked worker)."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def _account(request: web.Request, ctx: RequestContext, duration_ms: float) -> None:

@@ -126,12 +126,14 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
     body = bytearray()
+    content = request.content
     try:
-        async with asyncio.timeout(timeout_s):
-            while piece := await request.content.readany():
-                body += piece
-                if len(body) > max_bytes:
-                    raise _too_large(max_bytes)
+        while piece := content.read_nowait():  # what has arrived already needs no timer
+            _append(body, piece, max_bytes)
+        if not content.at_eof():
+            async with asyncio.timeout(timeout_s):
+                while piece := await content.readany():
+                    _append(body, piece, max_bytes)
     except TimeoutError:
         error = BadRequest(
             f"The request body did not arrive within {timeout_s} s.",
@@ -148,6 +150,12 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
             headers=_UNREAD_BODY,
         ) from None
     return bytes(body)
+
+
+def _append(body: bytearray, piece: bytes, max_bytes: int) -> None:
+    body += piece
+    if len(body) > max_bytes:
+        raise _too_large(max_bytes)
 
 
 def _too_large(max_bytes: int) -> RequestTooLarge:

@@ -47,6 +47,7 @@ DROP_RESPONSE_HEADERS = frozenset(
 )  # fmt: skip
 
 MAX_ERROR_BODY = 64 * 1024
+PATH_CACHE_ENTRIES = 256
 
 
 @dataclass(slots=True)
@@ -58,6 +59,8 @@ class UpstreamClient:
     base_url: URL
     session: aiohttp.ClientSession
     slots: asyncio.Semaphore = field(init=False)
+    #: upstream URLs by path tail: nearly every request asks for one of a handful
+    _paths: dict[str, URL] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.settings.max_connections)
@@ -70,7 +73,11 @@ class UpstreamClient:
         stays part of the path instead of starting a query or fragment, and the URL's host is
         always the base URL's. `raw_query` is the client's query string exactly as it came.
         """
-        url = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail)
+        url = self._paths.get(tail)
+        if url is None:
+            url = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail)
+            if len(self._paths) < PATH_CACHE_ENTRIES:
+                self._paths[tail] = url
         return URL(f"{url}?{raw_query}", encoded=True) if raw_query else url
 
     def headers_for(self, client_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
@@ -216,6 +223,9 @@ async def _attempt(client: UpstreamClient, request: UpstreamRequest, is_last: bo
 
 
 async def _acquire_slot(client: UpstreamClient) -> None:
+    if not client.slots.locked():  # a slot is free: take it without arming a timer
+        await client.slots.acquire()
+        return
     try:
         async with asyncio.timeout(client.settings.pool_timeout_s):
             await client.slots.acquire()
