@@ -4,7 +4,9 @@ An `Exchange` is created at admission (prompt estimate, token reservation, team 
 hands the relay its plan (meter, live counters, budget check), and settles at the end: the
 final tally (the upstream's usage when it sent one), the metrics that only the end knows, and
 the unused token reservation returned to the limiter. Metric children are looked up once per
-request, never per chunk.
+request, never per chunk. A stream's meter is fed through the process's `MeterBatch`
+(gateway.batch): pieces are metered a few milliseconds after they went out, many streams at
+once, and `final_tally` meters what still waits before it reads the counts.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ class Exchange:
             if self.injected_body_sent(opened):
                 plan.frame_filter = meter
             else:
-                plan.observer = meter
+                plan.observer = comp.metrics.batch.defer(meter.feed)
             if cut and self.admissions:
                 plan.over_budget = self._cut_check(plan)
         else:
@@ -225,6 +227,13 @@ class Exchange:
         """
         return self.injected and opened.upstream.settings.usage == "inject" and self.ctx.stream
 
+    def final_tally(self) -> Tally | None:
+        """The meter's tally, every relayed piece metered (see gateway.batch); idempotent."""
+        if self.meter is None:
+            return None
+        self.comp.metrics.batch.flush()
+        return self.meter.finish()
+
     def finish(self, result: RelayResult) -> None:
         self.ctx.end = result.outcome
         if result.error is not None:
@@ -245,7 +254,7 @@ class Exchange:
         if self._settled:
             return
         self._settled = True
-        tally = self.meter.finish() if self.meter is not None else None
+        tally = self.final_tally()
         if tally is not None:
             self._record(tally)
         self._record_stream_end()

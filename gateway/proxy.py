@@ -335,11 +335,10 @@ def _cut_short(exchange: Exchange) -> GatewayError | None:
     A stream with a finish_reason but no [DONE] is whole (some upstreams never send it). With
     accounting off for the route there is no parsed copy to tell, and nothing is added.
     """
-    meter = exchange.meter
-    if not isinstance(meter, StreamMeter):
+    if not isinstance(exchange.meter, StreamMeter):
         return None
-    tally = meter.finish()  # idempotent: settle() takes the same tally
-    if tally.saw_done or tally.finish_reasons or tally.upstream_error is not None:
+    tally = exchange.final_tally()  # idempotent: settle() takes the same tally
+    if tally is None or tally.saw_done or tally.finish_reasons or tally.upstream_error is not None:
         return None
     return UpstreamError(
         "The upstream ended the stream before it was complete (no finish_reason, no [DONE]).",
@@ -351,10 +350,10 @@ def _cut_short(exchange: Exchange) -> GatewayError | None:
 def _note_error_event(exchange: Exchange) -> None:
     """The upstream ended its stream with its own `data: {"error": ...}` event: relayed as it
     is, and the request counts as an upstream error rather than a completed stream."""
-    meter = exchange.meter
-    if not isinstance(meter, StreamMeter):
+    if not isinstance(exchange.meter, StreamMeter):
         return
-    error = meter.finish().upstream_error
+    tally = exchange.final_tally()
+    error = tally.upstream_error if tally is not None else None
     if error is not None:
         code = error.get("code")
         exchange.fail(
