@@ -181,7 +181,7 @@ class Exchange:
         if sse:
             comp.metrics.ttft.labels(ctx.model, opened.upstream.name).observe(ctx.ttft_ms / 1000)
             comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
-            self._gaps = BatchedObserver(comp.metrics.inter_chunk.labels(ctx.model))
+            self._gaps = comp.metrics.gaps(ctx.model)
             plan.on_chunk_gap = self._gaps.observe
         if not self.match.route.accounting:
             return plan

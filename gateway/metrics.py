@@ -25,6 +25,7 @@ class GatewayMetrics:
         #: stream pieces waiting to be metered; collecting the registry meters them first
         self.batch = MeterBatch()
         registry.register(FlushOnCollect(self.batch))
+        self._gaps: dict[str, BatchedObserver] = {}
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by final HTTP status code.",
@@ -119,6 +120,14 @@ class GatewayMetrics:
             ["model"],
             registry=registry,
         )
+
+    def gaps(self, model: str) -> BatchedObserver:
+        """The inter-chunk gaps of a model's streams, gathered in batches. One per model
+        label, shared by its streams (all on the event loop's thread): no object per stream."""
+        found = self._gaps.get(model)
+        if found is None:
+            found = self._gaps[model] = BatchedObserver(self.inter_chunk.labels(model))
+        return found
 
 
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})

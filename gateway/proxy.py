@@ -34,6 +34,7 @@ from .errors import (
     sse_error_event,
 )
 from .exchange import Exchange
+from .fastpath import park_buffer
 from .relay import RelayResult, pump
 from .routing import RouteMatch
 from .upstream import (
@@ -57,13 +58,18 @@ _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
 _UNREAD_BODY = {"Connection": "close"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParsedRequest:
     tail: str
     body: bytes
     doc: dict[str, Any] | None
     model: str | None
     stream: bool
+
+    def release(self) -> None:
+        """Drop the body and its parse once the upstream request is built: a stream that
+        lasts minutes holds no copy of its prompt."""
+        self.body, self.doc = b"", None
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -149,6 +155,7 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
             code="invalid_request_body",
             headers=_UNREAD_BODY,
         ) from None
+    park_buffer(content)  # read to its end: its buffer is not needed for the stream's life
     return bytes(body)
 
 
@@ -207,6 +214,7 @@ async def _serve(
         request_id=exchange.ctx.request_id,
         injected_body=exchange.injected_body(parsed.doc),
     )
+    parsed.release()
     clients = [comp.upstreams[name] for name in route.upstreams]
     on_error = _on_upstream_error(exchange)
     if parsed.stream and route.keepalive_comment_s:

@@ -146,7 +146,7 @@ class Opened:
             self.upstream.slots.release()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamRequest:
     method: str
     tail: str
@@ -161,6 +161,10 @@ class UpstreamRequest:
         if self.injected_body is not None and client.settings.usage == "inject":
             return self.injected_body
         return self.body
+
+    def release(self) -> None:
+        """An upstream answered: the body is never sent again, so it is not kept."""
+        self.body, self.injected_body = b"", None
 
 
 #: called for each failed attempt: (upstream name, reason label)
@@ -185,7 +189,7 @@ async def open_on_route(
         if last is not None and last.opened is not None:
             last.opened.close()
         try:
-            return await _attempt(client, request, is_last=attempt == len(clients) - 1)
+            opened = await _attempt(client, request, is_last=attempt == len(clients) - 1)
         except _Retryable as failure:
             on_error(client.name, failure.error.reason or "connect")
             last = failure
@@ -193,6 +197,9 @@ async def open_on_route(
             if error.reason is not None:
                 on_error(client.name, error.reason)
             raise
+        else:
+            request.release()
+            return opened
     assert last is not None  # a route has at least one upstream (config check)
     if last.opened is not None:
         return last.opened  # the last upstream's own non-2xx answer, relayed as it is
