@@ -114,6 +114,8 @@ def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClien
     )
     session = aiohttp.ClientSession(
         connector=connector,
+        # the pool serves every team: a cookie one answer sets must never go out again
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=timeout,
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),

@@ -97,6 +97,27 @@ async def test_hop_by_hop_headers_are_stripped_and_upstream_status_kept(
     assert "keep-alive" not in headers
 
 
+async def test_an_upstream_cookie_is_never_sent_back_for_another_request(
+    upstream: FakeUpstream,
+) -> None:
+    """The gateway's upstream pool is shared by every team: a cookie one answer set must not
+    ride along on the next request, and the client does not get it either."""
+    upstream.scripts.append(
+        Script(
+            [b'{"ok": true}'],
+            content_type="application/json",
+            headers={"Set-Cookie": "session=team-a; Path=/"},
+        )
+    )
+    by_name = upstream.base_url.replace("127.0.0.1", "localhost")  # a jar skips IP hosts
+    async with running_gateway(settings_for(by_name)) as gw:
+        for _ in range(2):
+            status, headers, _ = await fetch(f"{gw.base_url}/chat/completions", {"model": "test-1"})
+            assert status == 200
+            assert "set-cookie" not in headers
+    assert [r.headers.get("Cookie") for r in upstream.received] == [None, None]
+
+
 async def test_each_chunk_reaches_the_client_before_the_next_is_sent(
     upstream: FakeUpstream,
 ) -> None:
