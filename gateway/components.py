@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,17 +54,16 @@ class Lifecycle:
     _running: set[asyncio.Task[Any]] = field(default_factory=set)
     _cut: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    @contextlib.contextmanager
-    def tracking(self) -> Iterator[None]:
-        """Track the current task (one request) until the block ends."""
+    def track(self) -> asyncio.Task[Any]:
+        """Track the current task (one request) until `untrack`; returns it."""
         task = asyncio.current_task()
         assert task is not None  # a request handler always runs in a task
         self._running.add(task)
-        try:
-            yield
-        finally:
-            self._running.discard(task)
-            self._cut.discard(task)
+        return task
+
+    def untrack(self, task: asyncio.Task[Any]) -> None:
+        self._running.discard(task)
+        self._cut.discard(task)
 
     def running(self) -> frozenset[asyncio.Task[Any]]:
         """The requests in flight now."""
