@@ -52,6 +52,9 @@ class Profile:
     events: int = 260
     paced_streams: tuple[int, ...] = (100, 250)
     paced_delay_ms: float = 10.0
+    #: paced windows per target and load, taken round-robin over the targets: the report
+    #: keeps the median (one window can be off by 10-15% on a shared machine)
+    paced_rounds: int = 3
     capacity_streams: int = 50
     latency_streams: tuple[int, ...] = (5, 50)
     latency_delay_ms: float = 5.0
@@ -66,6 +69,7 @@ QUICK = Profile(
     name="quick",
     scenarios=("paced", "capacity", "latency", "slow"),
     paced_streams=(250,),
+    paced_rounds=1,
     latency_streams=(50,),
     slow_streams=(1000,),
     slow_hold_s=2.0,
@@ -103,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pin", action="store_true", help="do not pin anything")
     p.add_argument("--events", type=int, help="events per paced/capacity stream")
     p.add_argument("--paced-streams", type=_ints)
+    p.add_argument("--paced-rounds", type=int, help="paced windows per target (median kept)")
     p.add_argument("--capacity-streams", type=int)
     p.add_argument("--latency-streams", type=_ints)
     p.add_argument("--slow-streams", type=_ints)
@@ -203,9 +208,13 @@ def plan(
     for scenario in prof.scenarios:
         if scenario == "workers":
             yield from _worker_steps(prof, side, rep, env, place, targets)
-            continue
-        for target in targets:
-            yield from _steps(scenario, prof, side, target, rep)
+        elif scenario == "paced":
+            for round_ in range(1, prof.paced_rounds + 1):
+                for target in targets:
+                    yield from _paced_steps(prof, side, target, rep, round_)
+        else:
+            for target in targets:
+                yield from _steps(scenario, prof, side, target, rep)
 
 
 def _into(rows: list[R], make: Callable[[], R]) -> Step:
@@ -218,12 +227,7 @@ def _steps(
 ) -> Iterator[tuple[str, str, Step]]:
     """The steps of one scenario on one target."""
     name, warmup, window = target.name, prof.warmup_s, prof.window_s
-    if scenario == "paced":
-        for n in prof.paced_streams:
-            make_paced = partial(scenarios.paced, side, target, n, prof.paced_delay_ms,
-                                 prof.events, warmup, window)  # fmt: skip
-            yield scenario, name, _into(rep.paced, make_paced)
-    elif scenario == "capacity":
+    if scenario == "capacity":
         make_capacity = partial(scenarios.capacity, side, target, prof.capacity_streams,
                                 prof.events, warmup, window)  # fmt: skip
         yield scenario, name, _into(rep.capacity, make_capacity)
@@ -234,6 +238,28 @@ def _steps(
             yield scenario, name, _into(rep.latency, make_latency)
     elif scenario == "slow":
         yield from _slow_steps(prof, side, target, rep)
+
+
+def _paced_steps(
+    prof: Profile, side: scenarios.LoadSide, target: Target, rep: report.Report, round_: int
+) -> Iterator[tuple[str, str, Step]]:
+    """One round of paced windows on one target, one per load."""
+    for n in prof.paced_streams:
+        make_paced = partial(scenarios.paced, side, target, n, prof.paced_delay_ms,
+                             prof.events, prof.warmup_s, prof.window_s)  # fmt: skip
+        yield "paced", target.name, _into(rep.paced_rounds, _in_round(make_paced, round_))
+
+
+Paced = Callable[[], scenarios.PacedRow]
+
+
+def _in_round(make: Paced, round_: int) -> Paced:
+    def measure() -> scenarios.PacedRow:
+        row = make()
+        row.round = round_
+        return row
+
+    return measure
 
 
 def _slow_steps(

@@ -7,6 +7,7 @@ capacity with two workers against one.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from pathlib import Path
@@ -40,6 +41,8 @@ class Report(msgspec.Struct, kw_only=True):
     meta: dict[str, Any]
     targets: list[TargetStatus]
     paced: list[PacedRow] = msgspec.field(default_factory=list)
+    #: every paced window, round by round; `paced` holds their medians
+    paced_rounds: list[PacedRow] = msgspec.field(default_factory=list)
     capacity: list[CapacityRow] = msgspec.field(default_factory=list)
     latency: list[LatencyRow] = msgspec.field(default_factory=list)
     slow: list[SlowRow] = msgspec.field(default_factory=list)
@@ -65,9 +68,7 @@ def _added(row: Percentiles, base: Percentiles) -> Added:
 
 def derive(report: Report) -> None:
     """Fill in every figure that compares two rows of this run."""
-    nginx_cpu = {r.streams: r.proxy_cpu_us_per_event for r in report.paced if r.target == "nginx"}
-    for p in report.paced:
-        p.ratio_to_nginx = _ratio(p.proxy_cpu_us_per_event, nginx_cpu.get(p.streams))
+    report.paced = _paced_medians(report.paced_rounds)
     direct = {r.streams: r for r in report.latency if r.target == "direct"}
     for lat in report.latency:
         if (base := direct.get(lat.streams)) is not None:
@@ -81,6 +82,34 @@ def derive(report: Report) -> None:
         w.scaling_vs_1_worker = _ratio(w.events_per_s, one_worker.get(w.target))
 
 
+def _paced_medians(rounds: list[PacedRow]) -> list[PacedRow]:
+    """One row per target and load: the median round, its ratio the median of the ratios
+    taken within each round (nginx measured minutes apart from the target at most)."""
+    nginx = {(r.round, r.streams): r.proxy_cpu_us_per_event for r in rounds if r.target == "nginx"}
+    for row in rounds:
+        row.ratio_to_nginx = _ratio(row.proxy_cpu_us_per_event, nginx.get((row.round, row.streams)))
+    groups: dict[tuple[str, int], list[PacedRow]] = {}
+    for row in rounds:
+        groups.setdefault((row.target, row.streams), []).append(row)
+    medians = []
+    for group in groups.values():
+        costs = sorted(c for r in group if (c := r.proxy_cpu_us_per_event) is not None)
+        ratios = [x for r in group if (x := r.ratio_to_nginx) is not None]
+        middle = msgspec.structs.replace(_median_by_cost(group), rounds=len(group))
+        if costs:
+            middle.proxy_cpu_us_per_event = statistics.median(costs)
+            middle.cpu_us_per_event_range = (costs[0], costs[-1])
+        middle.ratio_to_nginx = round(statistics.median(ratios), 3) if ratios else None
+        medians.append(middle)
+    return medians
+
+
+def _median_by_cost(group: list[PacedRow]) -> PacedRow:
+    """The round whose cost per event is the median one (the first when there is none)."""
+    ranked = sorted(group, key=lambda r: r.proxy_cpu_us_per_event or 0.0)
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def _fmt(value: object) -> str:
     """A table cell: numbers compact, missing values as a dash."""
     if value is None:
@@ -89,6 +118,8 @@ def _fmt(value: object) -> str:
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, list):
         return "/".join(_fmt(v) for v in value) or "-"
+    if isinstance(value, tuple):  # a (low, high) range
+        return "-".join(_fmt(v) for v in value)
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "0"
     return str(value)[:120]
@@ -113,7 +144,9 @@ PACED = _cols("""
     delay_ms=delay_ms
     events/s=events_per_s
     cpu_us/event=proxy_cpu_us_per_event
+    min-max=cpu_us_per_event_range
     x nginx=ratio_to_nginx
+    rounds=rounds
     proxy_cores=proxy_cpu_cores
     saturated=saturated
     foreign=foreign_cores

@@ -48,6 +48,11 @@ class PacedRow(msgspec.Struct, kw_only=True):
     foreign_cores: float | None  # other processes on the proxy's CPU: the figure is suspect
     attempts: int = 1  # 2 when the first window was contended (the quieter one is kept)
     ratio_to_nginx: float | None = None
+    #: with several rounds: which one (a round row), or how many (the summary row), and
+    #: the lowest and highest cost per event over the rounds
+    round: int = 1
+    rounds: int = 1
+    cpu_us_per_event_range: tuple[float, float] | None = None
 
 
 class CapacityRow(msgspec.Struct, kw_only=True):
