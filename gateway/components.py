@@ -7,8 +7,7 @@ app's `cleanup_ctx` (see app.py) and reached from a request through `request.app
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,10 +102,10 @@ class Components:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 
-    @contextlib.asynccontextmanager
-    async def gate(self, ctx: RequestContext) -> AsyncIterator[None]:
-        """The process-wide max_inflight bound: a bounded wait, then 503."""
-        gate = self.inflight  # a reload may swap the gate: leave the one that was entered
+    async def enter_gate(self, ctx: RequestContext) -> InflightGate:
+        """The process-wide max_inflight bound: a bounded wait, then 503. Returns the gate
+        to leave with `leave_gate` (a reload may swap the gate meanwhile)."""
+        gate = self.inflight
         try:
             await gate.__aenter__()
         except QueueTimeout as exc:
@@ -119,11 +118,11 @@ class Components:
                 headers={"Retry-After": retry},
             ) from None
         self.metrics.inflight.inc()
-        try:
-            yield
-        finally:
-            self.metrics.inflight.dec()
-            await gate.__aexit__(None, None, None)
+        return gate
+
+    async def leave_gate(self, gate: InflightGate) -> None:
+        self.metrics.inflight.dec()
+        await gate.__aexit__(None, None, None)
 
 
 COMPONENTS = web.AppKey("components", Components)

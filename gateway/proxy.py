@@ -23,7 +23,6 @@ from multidict import CIMultiDict
 from .accounting import StreamMeter
 from .components import COMPONENTS, CTX, TEAM, Components
 from .config import Route, Team
-from .context import RequestContext
 from .errors import (
     BadRequest,
     GatewayError,
@@ -73,33 +72,32 @@ class ParsedRequest:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    """One request, start to end, in one coroutine: a stream holds this frame for its whole
+    life, so the steps before the relay are not frames of their own."""
     comp, ctx = request.app[COMPONENTS], request[CTX]
     try:
-        return await _handle(request, comp, ctx)
+        parsed = await parse_request(request, comp.settings.max_request_bytes, comp.timeouts.body_s)
+        match = resolve(comp, parsed)
+        ctx.model, ctx.stream = match.label, parsed.stream
+        gate = await comp.enter_gate(ctx)
+        try:
+            team: Team | None = request.get(TEAM)
+            exchange = await Exchange.admit(comp, ctx, team, match, parsed.doc, parsed.body)
+            try:
+                return await _serve(request, comp, exchange, match.route, parsed)
+            except asyncio.CancelledError:  # the client went away (handler cancellation)
+                ctx.end = "client_disconnect"
+                raise
+            finally:
+                await exchange.settle()
+        finally:
+            await comp.leave_gate(gate)
     except asyncio.CancelledError:
         if not comp.lifecycle.was_cut():
             raise
         _uncancel()  # the drain's grace ran out before any byte went out: answer 503
         ctx.end = "rejected"
         raise _shutdown_error() from None
-
-
-async def _handle(
-    request: web.Request, comp: Components, ctx: RequestContext
-) -> web.StreamResponse:
-    parsed = await parse_request(request, comp.settings.max_request_bytes, comp.timeouts.body_s)
-    match = resolve(comp, parsed)
-    ctx.model, ctx.stream = match.label, parsed.stream
-    team: Team | None = request.get(TEAM)
-    async with comp.gate(ctx):
-        exchange = await Exchange.admit(comp, ctx, team, match, parsed.doc, parsed.body)
-        try:
-            return await _serve(request, comp, exchange, match.route, parsed)
-        except asyncio.CancelledError:  # the client went away (handler cancellation)
-            ctx.end = "client_disconnect"
-            raise
-        finally:
-            await exchange.settle()
 
 
 async def parse_request(

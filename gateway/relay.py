@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from .errors import GatewayError, RateLimitExceeded, UpstreamError, UpstreamTimeout, sse_error_event
-from .fastpath import Tap, tap
+from .fastpath import TapEnd, tap
 from .sse import ServerSentEvent, SSEDecoder, ends_frame
 
 #: past this many bytes waiting in the client's socket buffer, a write may block: bound it
@@ -128,7 +128,21 @@ async def _loop(
             if over is not None and over():
                 raise _Ended("limit", _budget_error())
             if fast and (tapped := tap(resp, content, plan.client_transport, sent)) is not None:
-                await _run_tap(*tapped, plan)
+                # the rest of the stream through the fast path (see gateway.fastpath)
+                tapped_fast, buffered = tapped
+                tapped_fast.observe(feed, gap, over)
+                try:
+                    for piece in buffered:
+                        tapped_fast.deliver(piece)
+                    del buffered
+                    end = await tapped_fast.run(plan.write_stall_s)
+                except _UPSTREAM_FAILURES as exc:
+                    ended = _upstream_failed(exc)
+                    ended.at_boundary = ends_frame(tapped_fast.last)
+                    raise ended from exc
+                finally:
+                    tapped_fast.close()
+                _raise_unless_eof(end, tapped_fast.last)
                 break
             fast = False
             chunk = await _read(content)
@@ -146,27 +160,13 @@ async def _loop(
         raise
 
 
-async def _run_tap(fast: Tap, buffered: list[bytes], plan: RelayPlan) -> None:
-    """The rest of the stream through the fast path (see gateway.fastpath)."""
-    observer = plan.observer
-    fast.observe(
-        observer.feed if observer is not None else None, plan.on_chunk_gap, plan.over_budget
-    )
-    try:
-        for piece in buffered:
-            fast.deliver(piece)
-        end = await fast.run(plan.write_stall_s)
-    except _UPSTREAM_FAILURES as exc:
-        ended = _upstream_failed(exc)
-        ended.at_boundary = ends_frame(fast.last)
-        raise ended from exc
-    finally:
-        fast.close()
+def _raise_unless_eof(end: TapEnd, last: bytes) -> None:
+    """How a tapped stream ended, as the loop's exceptions (`last`: the last piece sent)."""
     if end == "client_gone":
         raise ClientGone
     if end == "cut":
         ended = _Ended("limit", _budget_error())
-        ended.at_boundary = ends_frame(fast.last)
+        ended.at_boundary = ends_frame(last)
         raise ended
 
 
