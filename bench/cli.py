@@ -211,7 +211,8 @@ def plan(
         elif scenario == "paced":
             for round_ in range(1, prof.paced_rounds + 1):
                 for target in targets:
-                    yield from _paced_steps(prof, side, target, rep, round_)
+                    if round_ == 1 or not isinstance(target, Direct):  # no CPU figure to repeat
+                        yield from _paced_steps(prof, side, target, rep, round_)
         else:
             for target in targets:
                 yield from _steps(scenario, prof, side, target, rep)
