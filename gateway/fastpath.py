@@ -94,7 +94,7 @@ class _TappedReader(aiohttp.StreamReader):
     __slots__ = ()
 
     def feed_data(self, data: bytes, size: int = 0) -> bool:
-        tap = cast("Tap | None", self._waiter)
+        tap: Tap | None = self._waiter  # type: ignore[assignment]  # per event: no cast() call
         if data and tap is not None:
             self.total_bytes += len(data)
             tap.deliver(data)
