@@ -409,6 +409,7 @@ class StreamMeter:
         "_reported",
         "_reported_reasoning",
         "_sink",
+        "_tally",
         "_template",
         "_templates",
     )
@@ -426,6 +427,7 @@ class StreamMeter:
         #: which check that it changes no count
         self._templates = templates
         self._template: _Template | None = None
+        self._tally: Tally | None = None
         self._decoder = SSEDecoder()
         self._sink = sink
         self._prompt_estimate = prompt_estimate
@@ -435,6 +437,7 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> None:
         """Count the events that this chunk of the stream completes."""
+        self._tally = None
         data = self._decoder.whole_event_data(chunk)  # nearly every chunk: one whole event
         if data is not None:
             self._count(data)
@@ -460,6 +463,7 @@ class StreamMeter:
 
     def feed_event(self, event: ServerSentEvent) -> None:
         """Count one event the relay already decoded."""
+        self._tally = None
         if event.data == _DONE:
             self._ledger.saw_done = True
         else:
@@ -477,12 +481,15 @@ class StreamMeter:
         return type(obj) is dict and not obj.get("choices") and type(obj.get("usage")) is dict
 
     def finish(self) -> Tally:
-        """End of stream: count what is still pending and return the tally."""
-        for event in self._decoder.flush():
-            self.feed_event(event)
-        self._ledger.flush()
-        self._report()
-        return self._ledger.tally(self._prompt_estimate)
+        """End of stream: count what is still pending and return the tally (the same one
+        again until more is fed: the end of a stream asks for it more than once)."""
+        if self._tally is None:
+            for event in self._decoder.flush():
+                self.feed_event(event)
+            self._ledger.flush()
+            self._report()
+            self._tally = self._ledger.tally(self._prompt_estimate)
+        return self._tally
 
     def _parse(self, event: ServerSentEvent) -> Any:
         """Parse once per event, whichever of feed_event and is_usage_only comes first."""
