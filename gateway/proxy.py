@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,8 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
 #: how long a stream cut by the drain gets to write its last event
 CUT_WRITE_S = 1.0
-_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+#: a `.` or `..` path segment, or a control character
+_UNSAFE_TAIL = re.compile(r"(?:^|/)\.\.?(?:/|$)|[\x00-\x1f\x7f]")
 #: a body left unread or unreadable: the connection cannot carry another request
 _UNREAD_BODY = {"Connection": "close"}
 
@@ -120,7 +122,7 @@ def check_tail(tail: str) -> str:
     the base URL's path once the upstream normalises them, and control characters have no
     business in a path; everything else is percent-encoded again by `UpstreamClient.url_for`.
     """
-    if any(segment in (".", "..") for segment in tail.split("/")) or not _CONTROL.isdisjoint(tail):
+    if _UNSAFE_TAIL.search(tail):
         raise BadRequest(f"Invalid path: /v1/{tail!r}", code="invalid_path")
     return tail
 
