@@ -213,9 +213,28 @@ def _follow(
     return m
 
 
-def _loop_timeout(spec: LoadSpec) -> float:
-    """Bound on a closed-loop run: its own length plus room to start and stop."""
-    return spec.warmup_s + spec.window_s + 30.0
+def run_loop(
+    side: LoadSide,
+    target: Target,
+    *,
+    streams: int,
+    events: int,
+    delay_ms: float,
+    warmup_s: float,
+    window_s: float,
+) -> Measured:
+    """A closed-loop load (`streams` users, stream after stream) on `target`, bounded by its
+    own length plus room to start and stop."""
+    spec = LoadSpec(
+        mode="loop",
+        port=target.port,
+        events=events,
+        delay_ms=delay_ms,
+        concurrency=streams,
+        warmup_s=warmup_s,
+        window_s=window_s,
+    )
+    return run_load(side, target, spec, warmup_s + window_s + 30.0)
 
 
 def paced(
@@ -251,16 +270,10 @@ def _paced_once(
     window_s: float,
 ) -> PacedRow:
     """One paced window."""
-    spec = LoadSpec(
-        mode="loop",
-        port=target.port,
-        events=events,
-        delay_ms=delay_ms,
-        concurrency=streams,
-        warmup_s=warmup_s,
-        window_s=window_s,
-    )
-    m = run_load(side, target, spec, _loop_timeout(spec))
+    m = run_loop(
+        side, target, streams=streams, events=events, delay_ms=delay_ms,
+        warmup_s=warmup_s, window_s=window_s,
+    )  # fmt: skip
     has_proxy = bool(target.roots())
     events_seen = max(1, m.result.events)
     offered = streams * 1000 / delay_ms
@@ -294,16 +307,10 @@ def capacity(
     placement: str = "pinned",
 ) -> CapacityRow:
     """Events per second with no pacing: how much one target can relay at most."""
-    spec = LoadSpec(
-        mode="loop",
-        port=target.port,
-        events=events,
-        delay_ms=0,
-        concurrency=streams,
-        warmup_s=warmup_s,
-        window_s=window_s,
-    )
-    m = run_load(side, target, spec, _loop_timeout(spec))
+    m = run_loop(
+        side, target, streams=streams, events=events, delay_ms=0,
+        warmup_s=warmup_s, window_s=window_s,
+    )  # fmt: skip
     events_per_s = m.result.events / m.result.window_s
     proxy_cores = m.cores(m.proxy) if target.roots() else None
     return CapacityRow(
@@ -332,16 +339,10 @@ def latency(
     window_s: float,
 ) -> LatencyRow:
     """TTFT and total time of streams that started and ended inside the window."""
-    spec = LoadSpec(
-        mode="loop",
-        port=target.port,
-        events=events,
-        delay_ms=delay_ms,
-        concurrency=streams,
-        warmup_s=warmup_s,
-        window_s=window_s,
-    )
-    m = run_load(side, target, spec, _loop_timeout(spec))
+    m = run_loop(
+        side, target, streams=streams, events=events, delay_ms=delay_ms,
+        warmup_s=warmup_s, window_s=window_s,
+    )  # fmt: skip
     return LatencyRow(
         target=target.name,
         streams=streams,
@@ -370,16 +371,8 @@ class SlowPlan:
 def slow(side: LoadSide, target: Target, n: int, plan: SlowPlan) -> SlowRow:
     """Hold `n` slow streams at once on a freshly started target; memory per stream."""
     target.restart()
-    warm = LoadSpec(
-        mode="loop",
-        port=target.port,
-        events=20,
-        delay_ms=0,
-        concurrency=10,
-        warmup_s=0.3,
-        window_s=0.5,
-    )
-    run_load(side, target, warm, _loop_timeout(warm))  # load lazy state before "before"
+    # load lazy state before "before"
+    run_loop(side, target, streams=10, events=20, delay_ms=0, warmup_s=0.3, window_s=0.5)
     before = procs.usage(procs.tree(target.roots())).rss_bytes
     events = plan.events(n)
     spec = LoadSpec(
