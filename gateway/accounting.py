@@ -88,10 +88,7 @@ class _ThinkText:
     def add(self, text: str, count: Count) -> tuple[int, int]:
         """Count a content piece; return (completion, reasoning) deltas."""
         if not self.carry and "<" not in text:  # the common case: no tag can be here
-            n = count(text)
-            if self.state == self.ANSWER:
-                return n, 0
-            return self._counted(n)
+            return self._plain(text, count)
         text, self.carry = self.carry + text, ""
         completion = reasoning = 0
         while text:
@@ -106,10 +103,7 @@ class _ThinkText:
         return self._plain(text, count) if text else (0, 0)
 
     def _plain(self, text: str, count: Count) -> tuple[int, int]:
-        return self._counted(count(text))
-
-    def _counted(self, n: int) -> tuple[int, int]:
-        """`n` tokens of plain text, in the current state."""
+        n = count(text)
         if self.state == self.THINK:
             return n, n
         if self.state == self.START:
