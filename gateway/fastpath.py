@@ -301,8 +301,7 @@ class Tap:
 
     def _stop(self, end: TapEnd) -> None:
         self._end = end
-        if not self._reader.is_eof() and self._upstream.transport is not None:
-            self._upstream.pause_reading()
+        self._pause_upstream()
         self._signal()
 
     def _pause_upstream(self) -> None:
