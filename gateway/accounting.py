@@ -529,9 +529,13 @@ class JsonMeter:
         self._body += chunk
 
     def finish(self) -> Tally:
-        """The body's `usage` when present, else the tokenizer's count of the choices."""
+        """The body's `usage` when present, else the tokenizer's count of the choices.
+
+        Idempotent, as `StreamMeter.finish`: the copy is counted once, then let go.
+        """
         ledger = self._ledger
         if not self._overflow and self._body:
             ledger.observe(ledger.parse(self._body), "message")
             ledger.flush()
+            self._body = bytearray()
         return ledger.tally(self._prompt_estimate)

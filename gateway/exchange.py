@@ -234,6 +234,10 @@ class Exchange:
         self.comp.metrics.batch.flush()
         return self.meter.finish()
 
+    def stream_tally(self) -> Tally | None:
+        """`final_tally` of a streamed answer; None for a JSON one or with accounting off."""
+        return self.final_tally() if isinstance(self.meter, StreamMeter) else None
+
     def finish(self, result: RelayResult) -> None:
         self.ctx.end = result.outcome
         if result.error is not None:

@@ -21,7 +21,6 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .accounting import StreamMeter
 from .components import COMPONENTS, CTX, TEAM, Components
 from .config import Route, Team
 from .errors import (
@@ -343,9 +342,7 @@ def _cut_short(exchange: Exchange) -> GatewayError | None:
     A stream with a finish_reason but no [DONE] is whole (some upstreams never send it). With
     accounting off for the route there is no parsed copy to tell, and nothing is added.
     """
-    if not isinstance(exchange.meter, StreamMeter):
-        return None
-    tally = exchange.final_tally()  # idempotent: settle() takes the same tally
+    tally = exchange.stream_tally()  # idempotent: settle() takes the same tally
     if tally is None or tally.saw_done or tally.finish_reasons or tally.upstream_error is not None:
         return None
     return UpstreamError(
@@ -358,9 +355,7 @@ def _cut_short(exchange: Exchange) -> GatewayError | None:
 def _note_error_event(exchange: Exchange) -> None:
     """The upstream ended its stream with its own `data: {"error": ...}` event: relayed as it
     is, and the request counts as an upstream error rather than a completed stream."""
-    if not isinstance(exchange.meter, StreamMeter):
-        return
-    tally = exchange.final_tally()
+    tally = exchange.stream_tally()
     error = tally.upstream_error if tally is not None else None
     if error is not None:
         code = error.get("code")

@@ -297,6 +297,19 @@ def test_json_answer_without_usage_is_counted_from_its_choices() -> None:
     assert tally.finish_reasons == ("stop", "length")
 
 
+def test_both_meters_give_the_same_tally_when_asked_again() -> None:
+    """The end of a request asks for the tally more than once (cut-short check, error-event
+    check, settlement): nothing may be counted twice."""
+    json_meter = JsonMeter(Letters(), 7)
+    json_meter.feed(answer(choices=[{"index": 0, "message": {"content": "hello"}}]))
+    stream, _ = meter()
+    stream.feed(OPENAI_CHAT)
+    for m in (json_meter, stream):
+        first = m.finish()
+        assert m.finish() == first
+        assert first.completion_tokens > 0
+
+
 def test_json_answer_larger_than_the_copy_limit_is_not_counted() -> None:
     choice = {"index": 0, "message": {"content": "x" * 100}}
     tally = json_tally(answer(choices=[choice]), max_bytes=50)
