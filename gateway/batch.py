@@ -85,11 +85,12 @@ class Deferred:
 
 
 class FlushOnCollect(Collector):
-    """Registered before the gateway's metrics: collecting the registry meters what waits."""
+    """Registered before the gateway's metrics: collecting the registry calls `flush` first
+    (`GatewayMetrics.flush_pending`: this batch and the batched histograms)."""
 
-    def __init__(self, batch: MeterBatch) -> None:
-        self._batch = batch
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
 
     def collect(self) -> Iterable[Metric]:
-        self._batch.flush()
+        self._flush()
         return ()

@@ -22,10 +22,11 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        #: stream pieces waiting to be metered; collecting the registry meters them first
+        #: stream pieces waiting to be metered, and batched gap observations: collecting
+        #: the registry adds whatever waits first
         self.batch = MeterBatch()
-        registry.register(FlushOnCollect(self.batch))
         self._gaps: dict[str, BatchedObserver] = {}
+        registry.register(FlushOnCollect(self.flush_pending))
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by final HTTP status code.",
@@ -121,6 +122,12 @@ class GatewayMetrics:
             registry=registry,
         )
 
+    def flush_pending(self) -> None:
+        """Meter the waiting stream pieces and add the batched gaps now."""
+        self.batch.flush()
+        for gaps in self._gaps.values():
+            gaps.flush()
+
     def gaps(self, model: str) -> BatchedObserver:
         """The inter-chunk gaps of a model's streams, gathered in batches. One per model
         label, shared by its streams (all on the event loop's thread): no object per stream."""
@@ -141,13 +148,13 @@ def finish_reason_label(reason: str | None) -> str:
 
 
 class BatchedObserver:
-    """A histogram child's observations, gathered by one stream and added `batch` at a time.
+    """A histogram child's observations, gathered and added `batch` at a time.
 
     `Histogram.observe` takes a lock and walks the buckets on every call, which is most of
-    the cost of watching the gaps of a stream that sends an event per token. This keeps
-    the stream's own bucket counts and adds them to the child in one go every `batch`
-    observations and at `flush()`, the stream's end: the exported histogram is the same,
-    at most `batch - 1` observations late. It writes the child's own bucket and sum values
+    the cost of watching the gaps of streams that send an event per token. This keeps its
+    own bucket counts and adds them to the child in one go every `batch` observations and
+    at `flush()` (a stream's end, a collection of the registry): the exported histogram is
+    the same, at most `batch - 1` observations late. It writes the child's own bucket and sum values
     (`_upper_bounds`, `_buckets`, `_sum` of prometheus-client's `Histogram`), which also
     hold in multiprocess mode; `tests/accounting/test_metrics.py` checks the result
     against `observe`.

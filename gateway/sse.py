@@ -133,9 +133,9 @@ class SSEDecoder:
 
         Upstreams write one token per event and the network usually delivers each event in
         one read, so this is true of nearly every chunk: a handful of byte scans in C, and
-        the general line machinery is skipped. The event it returns is dispatched (it has
-        no `event` or `retry` field; its id is the stream's last one); when it returns None
-        the chunk must go to `feed` or `feed_frames`.
+        the general line machinery is skipped. Data it returns is that of a dispatched event
+        (one with no `event` or `retry` field, whose id is the stream's last one); when it
+        returns None the chunk must go to `feed` or `feed_frames`.
         """
         if not (self._fast_ok and chunk.startswith(b"data:") and chunk.endswith(b"\n\n")):
             return None

@@ -64,3 +64,13 @@ def test_observations_show_every_batch_and_all_of_them_after_flush() -> None:
     observer.flush()
     observer.flush()  # nothing pending: a second flush adds nothing
     assert count() == 11
+
+
+def test_collecting_the_registry_adds_the_gaps_still_waiting() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    gaps = metrics.gaps("m")
+    assert metrics.gaps("m") is gaps  # one per model label, shared by its streams
+    for _ in range(3):  # fewer than a batch
+        gaps.observe(0.01)
+    count = metrics.registry.get_sample_value("gateway_inter_chunk_seconds_count", {"model": "m"})
+    assert count == 3
