@@ -28,6 +28,7 @@ from gateway.config import (
     TokenizerName,
     Upstream,
 )
+from tests.support.clients import async_openai
 from tests.support.gateway import RunningGateway, running_gateway
 
 #: secrets that must never reach a log line
@@ -79,9 +80,7 @@ async def client(base_url: str, key: str = "anything") -> openai.AsyncOpenAI:
     Built in a thread: the SDK's HTTP client reads CA certificates (and imports lazily) when
     it is constructed, which would block the event loop.
     """
-    return await asyncio.to_thread(
-        openai.AsyncOpenAI, base_url=base_url, api_key=key, max_retries=0
-    )
+    return await async_openai(base_url, key, max_retries=0)
 
 
 @dataclass

@@ -8,14 +8,13 @@ only be told with an SSE error event, and it is counted once, under its own reas
 
 from __future__ import annotations
 
-import asyncio
-
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from structlog.testing import capture_logs
 
 from gateway.proxy import KEEPALIVE_COMMENT
+from tests.support.clients import async_openai
 from tests.support.gateway import RunningGateway
 
 from .helpers import (
@@ -72,9 +71,7 @@ async def test_no_comment_without_the_setting() -> None:
 
 async def test_the_openai_sdk_ignores_the_comments() -> None:
     async with gateway(sim_settings(keepalive_comment_s=COMMENT_S)) as gw:
-        client = await asyncio.to_thread(
-            openai.AsyncOpenAI, base_url=gw.base_url, api_key="x", max_retries=0
-        )
+        client = await async_openai(gw.base_url, max_retries=0)
         async with client:
             stream = await client.chat.completions.create(
                 model="sim-1",
@@ -112,9 +109,7 @@ async def test_an_upstream_failure_after_a_comment_ends_with_an_sse_error_event(
 
 async def test_the_sdk_raises_on_a_failure_after_comments() -> None:
     async with gateway(sim_settings(keepalive_comment_s=COMMENT_S)) as gw:
-        client = await asyncio.to_thread(
-            openai.AsyncOpenAI, base_url=gw.base_url, api_key="x", max_retries=0
-        )
+        client = await async_openai(gw.base_url, max_retries=0)
         async with client:
             stream = await client.chat.completions.create(
                 model="sim-1",
