@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -167,15 +168,21 @@ class RedisServer:
         return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A server shared by the whole session (never stop it from a test)."""
+@contextmanager
+def _running() -> Iterator[RedisServer]:
     server = RedisServer(find_redis_server())
     server.start()
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A server shared by the whole session (never stop it from a test)."""
+    with _running() as server:
+        yield server
 
 
 @pytest.fixture
@@ -189,9 +196,5 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def private_redis_server() -> Iterator[RedisServer]:
     """A server of this test's own, which it may stop and restart on the same port."""
-    server = RedisServer(find_redis_server())
-    server.start()
-    try:
+    with _running() as server:
         yield server
-    finally:
-        server.close()
