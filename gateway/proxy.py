@@ -11,6 +11,7 @@ middleware turns into metrics and the canonical log line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from .components import COMPONENTS, CTX, TEAM, Components
@@ -33,7 +34,6 @@ from .errors import (
     sse_error_event,
 )
 from .exchange import Exchange
-from .fastpath import park_buffer
 from .relay import RelayResult, pump
 from .routing import RouteMatch
 from .upstream import (
@@ -156,6 +156,31 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
         ) from None
     park_buffer(content)  # read to its end: its buffer is not needed for the stream's life
     return bytes(body)
+
+
+class _Parked(collections.deque[bytes]):
+    """An empty buffer shared by every request body read to its end: growing it is a bug."""
+
+    __slots__ = ()
+
+    def append(self, item: bytes) -> None:
+        raise RuntimeError("a parked reader buffer cannot take data")
+
+    appendleft = append
+
+
+PARKED = _Parked()
+
+
+def park_buffer(reader: StreamReader) -> None:
+    """Free the empty buffers of a request body read to its end: a stream that lasts minutes
+    keeps its request object, and these deques are about 1.5 KB of it.
+
+    Other readers (aiohttp's shared `EMPTY_PAYLOAD` for a body-less request) are left alone.
+    """
+    if type(reader) is StreamReader and not reader._buffer:
+        reader._buffer = PARKED
+        reader._http_chunk_splits = None
 
 
 def _append(body: bytearray, piece: bytes, max_bytes: int) -> None:
@@ -321,7 +346,7 @@ async def _answer(
     if plan.sse and tail in COMPLETION_ENDPOINTS:
         plan.end_check = lambda: _cut_short(exchange)
     try:
-        result: RelayResult = await pump(resp, opened.response.content, opened.first_chunk, plan)
+        result: RelayResult = await pump(resp, opened.response, opened.first_chunk, plan)
     except asyncio.CancelledError:
         if not exchange.comp.lifecycle.was_cut():
             raise

@@ -1,6 +1,6 @@
 """The relay: upstream bytes to the client, unchanged, as they arrive.
 
-Each piece read from the upstream (`readany`, never line iteration: a 1 MiB `data:` line must
+Each piece read from the upstream (`read_any`, never line iteration: a 1 MiB `data:` line must
 pass) is written to the client at once, and only then handed to the observer: accounting
 parses a copy and never changes what is sent. The write is awaited, so a slow client slows its
 own upstream read through TCP backpressure and nothing queues in between; a client that reads
@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import aiohttp
 from aiohttp import web
 
+from . import h1
 from .errors import GatewayError, RateLimitExceeded, UpstreamError, UpstreamTimeout, sse_error_event
 from .fastpath import TapEnd, tap
 from .sse import ServerSentEvent, SSEDecoder, ends_frame
@@ -87,7 +87,7 @@ class _Ended(Exception):
 
 
 async def pump(
-    resp: web.StreamResponse, content: aiohttp.StreamReader, first: bytes, plan: RelayPlan
+    resp: web.StreamResponse, content: h1.Response, first: bytes, plan: RelayPlan
 ) -> RelayResult:
     """Relay until the upstream body ends; turn every way it can end into a result."""
     try:
@@ -107,7 +107,7 @@ async def pump(
 
 
 async def _loop(
-    resp: web.StreamResponse, content: aiohttp.StreamReader, first: bytes, plan: RelayPlan
+    resp: web.StreamResponse, content: h1.Response, first: bytes, plan: RelayPlan
 ) -> None:
     write = _guarded_write(resp, plan)
     frames = _FrameWriter(write, plan.frame_filter) if plan.frame_filter else None
@@ -136,12 +136,10 @@ async def _loop(
                         tapped_fast.deliver(piece)
                     del buffered
                     end = await tapped_fast.run(plan.write_stall_s)
-                except _UPSTREAM_FAILURES as exc:
+                except h1.H1Error as exc:
                     ended = _upstream_failed(exc)
                     ended.at_boundary = ends_frame(tapped_fast.last)
                     raise ended from exc
-                finally:
-                    tapped_fast.close()
                 _raise_unless_eof(end, tapped_fast.last)
                 break
             fast = False
@@ -213,26 +211,17 @@ class _FrameWriter:
             await self._write(rest)
 
 
-#: how an upstream body read fails mid-stream: the idle timeout, then breaks of any kind
-_UPSTREAM_FAILURES = (
-    aiohttp.SocketTimeoutError,
-    TimeoutError,
-    aiohttp.ClientPayloadError,
-    aiohttp.ClientConnectionError,
-    ConnectionError,
-)
-
-
-async def _read(content: aiohttp.StreamReader) -> bytes:
+async def _read(content: h1.Response) -> bytes:
     try:
-        return await content.readany()
-    except _UPSTREAM_FAILURES as exc:
+        return await content.read_any()
+    except h1.H1Error as exc:
         raise _upstream_failed(exc) from exc
 
 
-def _upstream_failed(exc: BaseException) -> _Ended:
+def _upstream_failed(exc: h1.H1Error) -> _Ended:
+    """How an upstream body read fails mid-stream: the idle timeout, or a break of any kind."""
     error: GatewayError
-    if isinstance(exc, (aiohttp.SocketTimeoutError, TimeoutError)):
+    if isinstance(exc, h1.IdleTimeout):
         error = UpstreamTimeout(
             "The upstream went silent in the middle of the stream.", reason="idle_timeout"
         )

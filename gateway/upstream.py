@@ -1,8 +1,8 @@
 """Upstream pools, and opening a request on a route with failover before the first byte.
 
-One `aiohttp.ClientSession` per upstream per process, with a bounded connector, explicit
+One `gateway.h1.Pool` of keep-alive connections per upstream per process, with explicit
 connect and idle-read timeouts and no total timeout (a stream may last an hour). A semaphore of
-`max_connections` slots bounds the wait for a pool connection: past `pool_timeout_s` the
+`max_connections` slots bounds the connections and the wait for one: past `pool_timeout_s` the
 request gets a 503 instead of queueing without end.
 
 `open_on_route` tries the route's upstreams in order and returns once an upstream answered
@@ -18,25 +18,28 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from . import h1
 from .config import Upstream
 from .errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 
 #: request headers never forwarded upstream: hop-by-hop, the client's own credentials, the
-#: ones the client session computes itself, and Content-Encoding (the server decoded the body)
+#: ones the pool computes itself or `headers_for` replaces, and Content-Encoding (the server
+#: decoded the body)
 DROP_REQUEST_HEADERS = frozenset(
     h.lower()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
         "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Content-Length",
         "Accept-Encoding", "Cookie", "Expect", "Api-Key", "X-Api-Key", "Content-Encoding",
+        "X-Request-Id",
     )
 )  # fmt: skip
 
-#: response headers never forwarded to the client
+#: response headers never forwarded to the client (hop-by-hop, the framing aiohttp's server
+#: sets itself, and Content-Encoding: the pool decodes gzip and deflate bodies)
 DROP_RESPONSE_HEADERS = frozenset(
     h.lower()
     for h in (
@@ -57,40 +60,42 @@ class UpstreamClient:
     name: str
     settings: Upstream
     base_url: URL
-    session: aiohttp.ClientSession
+    pool: h1.Pool
     slots: asyncio.Semaphore = field(init=False)
-    #: upstream URLs by path tail: nearly every request asks for one of a handful
-    _paths: dict[str, URL] = field(init=False, default_factory=dict)
+    #: upstream paths by path tail: nearly every request asks for one of a handful
+    _paths: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.settings.max_connections)
 
-    def url_for(self, tail: str, raw_query: str) -> URL:
-        """The upstream URL for the `/v1/<tail>` path a client asked for.
+    def target_for(self, tail: str, raw_query: str) -> str:
+        """The request target (path and query) upstream for the `/v1/<tail>` a client asked for.
 
         `tail` is the decoded path (proxy.check_tail has refused dot segments and control
         characters); it is percent-encoded again here, so a `%3F` or `%23` the client sent
-        stays part of the path instead of starting a query or fragment, and the URL's host is
-        always the base URL's. `raw_query` is the client's query string exactly as it came.
+        stays part of the path instead of starting a query or fragment. `raw_query` is the
+        client's query string exactly as it came.
         """
-        url = self._paths.get(tail)
-        if url is None:
-            url = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail)
+        path = self._paths.get(tail)
+        if path is None:
+            path = self.base_url.with_path(self.base_url.path.rstrip("/") + "/" + tail).raw_path
             if len(self._paths) < PATH_CACHE_ENTRIES:
-                self._paths[tail] = url
-        return URL(f"{url}?{raw_query}", encoded=True) if raw_query else url
+                self._paths[tail] = path
+        return f"{path}?{raw_query}" if raw_query else path
 
-    def headers_for(self, client_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+    def headers_for(
+        self, client_headers: Mapping[str, str], request_id: str
+    ) -> list[tuple[str, str]]:
         drop = DROP_REQUEST_HEADERS | _nominated(client_headers)
-        headers = CIMultiDict((k, v) for k, v in client_headers.items() if k.lower() not in drop)
-        headers["Accept-Encoding"] = "identity"
-        headers["X-Request-Id"] = request_id
+        headers = [(k, v) for k, v in client_headers.items() if k.lower() not in drop]
+        headers.append(("Accept-Encoding", "identity"))
+        headers.append(("X-Request-Id", request_id))
         if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+            headers.append(("Authorization", f"Bearer {self.settings.api_key}"))
         return headers
 
     async def aclose(self) -> None:
-        await self.session.close()
+        await self.pool.aclose()
 
 
 def _nominated(headers: Mapping[str, str]) -> frozenset[str]:
@@ -100,28 +105,14 @@ def _nominated(headers: Mapping[str, str]) -> frozenset[str]:
 
 
 def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClient:
-    connector = aiohttp.TCPConnector(
-        limit=settings.max_connections,
-        limit_per_host=0,
-        keepalive_timeout=30,
-        enable_cleanup_closed=False,
+    # the pool keeps no cookies: it serves every team, and a Set-Cookie one answer carries
+    # must never go out with another team's request
+    pool = h1.Pool(
+        base_url,
+        connect_timeout_s=settings.connect_timeout_s,
+        idle_timeout_s=settings.read_idle_timeout_s,
     )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=None,
-        sock_connect=settings.connect_timeout_s,
-        sock_read=settings.read_idle_timeout_s,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        # the pool serves every team: a cookie one answer sets must never go out again
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=timeout,
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-        raise_for_status=False,
-    )
-    return UpstreamClient(name=name, settings=settings, base_url=URL(base_url), session=session)
+    return UpstreamClient(name=name, settings=settings, base_url=URL(base_url), pool=pool)
 
 
 @dataclass(slots=True)
@@ -129,7 +120,7 @@ class Opened:
     """An upstream answer whose headers and first body bytes have arrived."""
 
     upstream: UpstreamClient
-    response: aiohttp.ClientResponse
+    response: h1.Response
     first_chunk: bytes
     _slot_held: bool = True
 
@@ -247,30 +238,24 @@ async def _acquire_slot(client: UpstreamClient) -> None:
         ) from None
 
 
-async def _send(client: UpstreamClient, request: UpstreamRequest) -> aiohttp.ClientResponse:
-    url = client.url_for(request.tail, request.query)
+async def _send(client: UpstreamClient, request: UpstreamRequest) -> h1.Response:
+    target = client.target_for(request.tail, request.query)
     headers = client.headers_for(request.headers, request.request_id)
     try:
-        return await client.session.request(
-            request.method,
-            url,
-            data=request.body_for(client) or None,
-            headers=headers,
-            allow_redirects=False,
-        )
-    except aiohttp.SocketTimeoutError:
+        return await client.pool.request(request.method, target, headers, request.body_for(client))
+    except h1.IdleTimeout:
         raise UpstreamTimeout(
             f"upstream {client.name!r} sent no answer in time", reason="idle_timeout"
         ) from None
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-        error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc.__class__.__name__}")
+    except h1.ConnectFailed as exc:
+        error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc}")
         raise _Retryable(error) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+    except h1.Disconnected as exc:
         error = UpstreamError(
             f"upstream {client.name!r} closed the connection before answering", reason="reset"
         )
         raise _Retryable(error) from exc
-    except aiohttp.ClientError as exc:
+    except (h1.ProtocolViolation, ValueError) as exc:
         error = UpstreamError(
             f"upstream {client.name!r} failed: {exc.__class__.__name__}", reason="protocol"
         )
@@ -294,12 +279,12 @@ def _check_status(opened: Opened, is_last: bool) -> None:
 async def _first_chunk(opened: Opened) -> bytes:
     """Read until the first body bytes (or the end of an empty body)."""
     try:
-        return await opened.response.content.readany()
-    except (aiohttp.SocketTimeoutError, TimeoutError):
+        return await opened.response.read_any()
+    except h1.IdleTimeout:
         raise UpstreamTimeout(
             f"upstream {opened.upstream.name!r} sent no body in time", reason="idle_timeout"
         ) from None
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except h1.H1Error as exc:
         error = UpstreamError(
             f"upstream {opened.upstream.name!r} broke off before the body", reason="reset"
         )
@@ -307,7 +292,7 @@ async def _first_chunk(opened: Opened) -> bytes:
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's response headers, less hop-by-hop and what aiohttp sets itself."""
+    """The upstream's response headers, less hop-by-hop and what aiohttp's server sets itself."""
     return CIMultiDict(
         (k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS
     )
@@ -316,9 +301,9 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 async def read_error_body(opened: Opened) -> bytes:
     """The rest of a non-2xx answer, bounded (it is relayed or summarised, never streamed)."""
     body = bytearray(opened.first_chunk)
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+    with contextlib.suppress(h1.H1Error):
         while len(body) < MAX_ERROR_BODY:
-            piece = await opened.response.content.readany()
+            piece = await opened.response.read_any()
             if not piece:
                 break
             body += piece

@@ -184,15 +184,15 @@ async def test_unchanged_pools_are_kept_new_ones_made_removed_ones_closed_after_
         await write_yaml(path, upstream_config(sim=sim(), extra=sim(chunks=3)))
         assert await reloader.reload()
         added = comp.upstreams["extra"]
-        assert comp.upstreams["sim"] is kept and not kept.session.closed
-        assert comp.upstreams["spare"] is removed and not removed.session.closed  # in use
+        assert comp.upstreams["sim"] is kept and not kept.pool.closed
+        assert comp.upstreams["spare"] is removed and not removed.pool.closed  # in use
         streamed = await running
-        await eventually(lambda: removed.session.closed)
+        await eventually(lambda: removed.pool.closed)
         assert "spare" not in comp.upstreams and len(gw.runner.app[SIM_RUNNERS]) == 2
         await reloader.aclose()
         await settled(gw)
     assert streamed.endswith(b"data: [DONE]\n\n")
-    assert added.session.closed and kept.session.closed  # closed with the app
+    assert added.pool.closed and kept.pool.closed  # closed with the app
 
 
 async def test_a_reload_that_changes_the_inflight_bounds_leaves_the_old_gate_whole(

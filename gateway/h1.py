@@ -1,0 +1,566 @@
+"""A lean HTTP/1.1 client for upstreams: pooled keep-alive connections and httptools' parser.
+
+Why not aiohttp's client: per relayed SSE event, aiohttp's response protocol runs about seven
+Python calls (the protocol's `data_received`, a timer re-arm, chunk begin/end hooks, the body
+reader's `feed_data`) between the socket read and our code, and per request it builds a
+`ClientRequest`, a `ClientResponse`, a connection wrapper and a timer set. Here a socket read
+is one Python call (`Connection.data_received`) into llhttp (httptools, the parser uvicorn
+uses), which calls `Response.on_body` with the decoded body bytes; a tapped response hands
+them straight to its sink.
+
+What it does, and nothing more:
+
+* one `Pool` per upstream origin: idle connections kept `keepalive_s` and reused last-in
+  first-out; `Pool.request` retries once on a new connection when a reused one closes before
+  any byte of the answer (the upstream dropped an idle keep-alive connection);
+* TCP or TLS connect within `connect_timeout_s`;
+* bodies framed by Content-Length, chunked, or the connection's close; HEAD, 1xx, 204 and
+  304 answers; gzip and deflate bodies decoded;
+* one idle deadline per exchange (`idle_timeout_s` without a byte, for the head or the body),
+  kept with one timer per idle period checked against the last read, not re-armed per read;
+  time the consumer holds the upstream back (`pause_reading`) is not the upstream's silence;
+* backpressure: a body nobody reads pauses the socket past `HIGH_WATER` buffered bytes; a
+  tapped body is paused by its consumer;
+* bounds: the status line and headers at most `HEAD_LIMIT` bytes; no upgrades.
+
+The pool's size is bounded by the caller (`UpstreamClient.slots`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+HEAD_LIMIT = 64 * 1024
+HIGH_WATER = 64 * 1024
+KEEPALIVE_S = 30.0
+#: methods whose request carries a Content-Length even when the body is empty
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+Sink = Callable[[bytes], None]
+OnEnd = Callable[[BaseException | None], None]
+
+
+class H1Error(Exception):
+    """An exchange with the upstream failed."""
+
+
+class ConnectFailed(H1Error):
+    """The TCP or TLS connect failed or took longer than the connect timeout."""
+
+
+class Disconnected(H1Error):
+    """The connection closed or reset before the answer was complete."""
+
+
+class ProtocolViolation(H1Error):
+    """The upstream's answer could not be parsed, or broke a bound."""
+
+
+class IdleTimeout(H1Error):
+    """The upstream sent no byte for the idle timeout."""
+
+
+class Pool:
+    """Keep-alive connections to one origin (scheme, host, port)."""
+
+    def __init__(
+        self,
+        base_url: str | URL,
+        *,
+        connect_timeout_s: float,
+        idle_timeout_s: float | None,
+        keepalive_s: float = KEEPALIVE_S,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        url = URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) URL: {base_url}")
+        self.host = url.host
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
+        default_port = url.port is None or url.is_default_port()
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        self._host_line = f"Host: {host}" if default_port else f"Host: {host}:{self.port}"
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s or None
+        self.keepalive_s = keepalive_s
+        self._idle: list[Connection] = []
+        self._live: set[Connection] = set()
+        self.closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._live)
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    async def request(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes = b""
+    ) -> Response:
+        """Send one request; return once the answer's status line and headers arrived."""
+        if self.closed:
+            raise RuntimeError("the pool is closed")
+        head = self._head(method, target, headers, body)
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await conn.exchange(method, head, body)
+            except Disconnected:
+                if conn.answered_bytes:
+                    raise
+                # a stale keep-alive connection: the upstream closed it while it was idle
+        conn = await self._connect()
+        return await conn.exchange(method, head, body)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        for conn in list(self._live):
+            conn.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports run their close callbacks
+
+    # -- the connections ----------------------------------------------------------------------
+
+    def _head(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> bytes:
+        lines = [f"{method} {target} HTTP/1.1", self._host_line]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if body or method in _BODY_METHODS:
+            lines.append(f"Content-Length: {len(body)}")
+        text = "\r\n".join(lines)
+        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+            raise ValueError("a header name or value contains CR or LF")
+        return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+    def _take_idle(self) -> Connection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            conn.leave_pool()
+            if conn.usable:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(
+                f"connect to {self.host}:{self.port} took over {self.connect_timeout_s} s"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {exc!r}") from exc
+        return conn
+
+    def _joined(self, conn: Connection) -> None:
+        self._live.add(conn)
+
+    def _put_back(self, conn: Connection) -> None:
+        if self.closed or not conn.usable:
+            conn.close()
+            return
+        self._idle.append(conn)
+        conn.enter_pool(self.keepalive_s)
+
+    def _gone(self, conn: Connection) -> None:
+        self._live.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+
+class Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection; carries one exchange at a time."""
+
+    __slots__ = (
+        "_expiry",
+        "_pool",
+        "_response",
+        "answered_bytes",
+        "lost",
+        "reusable",
+        "transport",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self._response: Response | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.lost = False
+        #: whether the current exchange got any byte of its answer (a stale connection got none)
+        self.answered_bytes = False
+        self.reusable = True
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self.reusable
+            and not self.lost
+            and self.transport is not None
+            and not (self.transport.is_closing())
+        )
+
+    async def exchange(self, method: str, head: bytes, body: bytes) -> Response:
+        assert self.transport is not None and self._response is None
+        response = Response(self, method, self._pool.idle_timeout_s)
+        self._response, self.answered_bytes = response, False
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+        response.watch_idle()
+        await response.head_done()
+        return response
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._pool._joined(self)
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if response is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.reusable = False
+            self.close()
+            return
+        self.answered_bytes = True
+        response.received(data)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: HTTP/1.1 has no half-closed use here
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._pool._gone(self)
+        response, self._response = self._response, None
+        if response is not None:
+            response.connection_lost(exc)
+
+    # -- the pool's side ----------------------------------------------------------------------
+
+    def finished(self, response: Response, reuse: bool) -> None:
+        """The exchange is over: back to the pool when `reuse`, else closed."""
+        if self._response is not response:
+            return
+        self._response = None
+        if reuse and self.usable:
+            self._pool._put_back(self)
+        else:
+            self.close()
+
+    def enter_pool(self, keepalive_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(keepalive_s, self.close)
+
+    def leave_pool(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Response:
+    """One answer: its head, then its body, read (`read_any`) or tapped (`tap`)."""
+
+    __slots__ = (
+        "_conn",
+        "_decoder",
+        "_error",
+        "_framed",
+        "_head_bytes",
+        "_head_waiter",
+        "_idle_handle",
+        "_idle_s",
+        "_last_read",
+        "_loop",
+        "_method",
+        "_on_end",
+        "_parser",
+        "_paused",
+        "_pieces",
+        "_raw_headers",
+        "_sink",
+        "_size",
+        "_waiter",
+        "at_eof",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, conn: Connection, method: str, idle_s: float | None) -> None:
+        self._conn = conn
+        self._method = method
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpResponseParser(self)
+        self._raw_headers: list[tuple[bytes, bytes]] | None = []
+        self._head_bytes = 0
+        self._head_waiter: asyncio.Future[None] | None = self._loop.create_future()
+        self.status = 0
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
+        #: the body ends where its framing says (length or chunked), not at the close
+        self._framed = True
+        self._decoder: Any = None
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._sink: Sink | None = None
+        self._on_end: OnEnd | None = None
+        self._error: H1Error | None = None
+        self.at_eof = False
+        self._paused = False
+        self._idle_s = idle_s
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._last_read = self._loop.time()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def head_done(self) -> None:
+        waiter = self._head_waiter
+        if waiter is not None:
+            try:
+                await waiter
+            except BaseException:
+                self.close()
+                raise
+
+    async def read_any(self) -> bytes:
+        """The next body bytes (everything buffered), b"" at the end."""
+        while not self._pieces:
+            if self._error is not None:
+                raise self._error
+            if self.at_eof:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        pieces = self._pieces
+        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._size = 0
+        if self._paused and self._sink is None:
+            self.resume_reading()
+        return data
+
+    def tap(self, sink: Sink, on_end: OnEnd) -> list[bytes]:
+        """Hand every body piece to `sink` from now on (see the module notes); returns what
+        was buffered before. `on_end` is called once, never from inside this call."""
+        buffered = list(self._pieces)
+        self._pieces.clear()
+        self._size = 0
+        self._sink, self._on_end = sink, on_end
+        if self.at_eof or self._error is not None:
+            self._loop.call_soon(self._end_tap)
+        elif self._paused:
+            self.resume_reading()
+        return buffered
+
+    def pause_reading(self) -> None:
+        if not self._paused and not self.at_eof and self._conn.transport is not None:
+            self._paused = True
+            self._conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._last_read = self._loop.time()  # the idle deadline counts from here again
+            if self._conn.transport is not None and not self._conn.lost:
+                self._conn.transport.resume_reading()
+
+    def release(self) -> None:
+        """Back to the pool if the body was read to its end (and keep-alive holds)."""
+        self._stop_idle()
+        self._conn.finished(self, self.at_eof and self._error is None and self._reusable())
+
+    def close(self) -> None:
+        self._stop_idle()
+        self._conn.finished(self, False)
+
+    # -- the connection's callbacks -----------------------------------------------------------
+
+    def received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        in_head = self._raw_headers is not None
+        if in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolViolation("the upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolViolation(f"the upstream's answer is not HTTP/1.1: {exc!r}"))
+        else:  # checked after the read: a read may hold a small head and a large body
+            if in_head and self._raw_headers is not None and self._head_bytes > HEAD_LIMIT:
+                self._fail(ProtocolViolation(f"the answer's head is over {HEAD_LIMIT} bytes"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.at_eof or self._error is not None:
+            return
+        if self._raw_headers is None and not self._framed:
+            self._complete()  # a body delimited by the connection's close
+            return
+        where = "before the answer's head" if self._raw_headers is not None else "mid-body"
+        detail = f": {exc!r}" if exc is not None else ""
+        self._fail(Disconnected(f"the upstream closed the connection {where}{detail}"))
+
+    # -- httptools' callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._raw_headers is not None:
+            self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser, raw = self._parser, self._raw_headers
+        status = parser.get_status_code()
+        if status == 101 or parser.should_upgrade():
+            raise ProtocolViolation("the upstream switched protocols")
+        if 100 <= status < 200:  # an interim answer: wait for the final one
+            self._raw_headers, self._head_bytes = [], 0
+            return
+        assert raw is not None
+        self._raw_headers = None
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in raw
+        )
+        self.status, self.headers = status, CIMultiDictProxy(headers)
+        te = headers.get("Transfer-Encoding", "").lower()
+        self._framed = "chunked" in te or "Content-Length" in headers
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header
+        if not parser.should_keep_alive():
+            self._conn.reusable = False
+        if self._method == "HEAD" or status in _NO_BODY_STATUS:
+            if self._method == "HEAD":
+                self._conn.reusable = False  # llhttp would wait for the announced body
+            self._complete()
+        self._wake_head()
+
+    def on_body(self, body: bytes) -> None:
+        if self._decoder is not None:
+            body = self._decoder.decompress(body)
+            if not body:
+                return
+        sink = self._sink
+        if sink is not None:
+            sink(body)
+            return
+        self._pieces.append(body)
+        self._size += len(body)
+        if self._size > HIGH_WATER:
+            self.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._raw_headers is not None:  # the end of an interim answer
+            return
+        if not self.at_eof:
+            self._complete()
+
+    # -- the ends -----------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        if self._decoder is not None:
+            rest = self._decoder.flush()
+            self._decoder = None
+            if rest:
+                self.on_body(rest)
+        self.at_eof = True
+        self._stop_idle()
+        self._wake()
+        if self._sink is not None:
+            self._end_tap()
+
+    def _fail(self, error: H1Error) -> None:
+        if self.at_eof or self._error is not None:
+            return
+        self._error = error
+        self._stop_idle()
+        self._conn.reusable = False
+        self._conn.close()
+        waiter = self._head_waiter
+        if waiter is not None:
+            self._head_waiter = None
+            if not waiter.done():
+                waiter.set_exception(error)
+            return
+        self._wake()
+        if self._sink is not None:
+            self._end_tap()
+
+    def _end_tap(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self._error)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_head(self) -> None:
+        waiter, self._head_waiter = self._head_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _reusable(self) -> bool:
+        return self._framed and self._conn.reusable
+
+    # -- the idle deadline --------------------------------------------------------------------
+
+    def watch_idle(self) -> None:
+        if self._idle_s is not None:
+            self._last_read = self._loop.time()
+            self._idle_handle = self._loop.call_at(self._last_read + self._idle_s, self._check)
+
+    def _check(self) -> None:
+        self._idle_handle = None
+        idle_s = self._idle_s
+        if idle_s is None or self.at_eof or self._error is not None:
+            return
+        due = (self._loop.time() if self._paused else self._last_read) + idle_s
+        if due > self._loop.time():
+            self._idle_handle = self._loop.call_at(due, self._check)
+            return
+        where = "the answer's head" if self._raw_headers is not None else "more of the body"
+        self._fail(IdleTimeout(f"the upstream sent no byte for {idle_s} s, waiting for {where}"))
+
+    def _stop_idle(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
