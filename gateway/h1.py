@@ -196,10 +196,13 @@ class Connection(asyncio.Protocol):
     """One TCP (or TLS) connection; carries one exchange at a time."""
 
     __slots__ = (
+        "_clock",
         "_expiry",
+        "_feed",
         "_pool",
         "_response",
         "answered_bytes",
+        "last_read",
         "lost",
         "reusable",
         "transport",
@@ -209,7 +212,12 @@ class Connection(asyncio.Protocol):
         self._pool = pool
         self.transport: asyncio.Transport | None = None
         self._response: Response | None = None
+        #: the current answer's parser, once its head is in: a body read goes straight to it
+        self._feed: Callable[[bytes], None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._clock = asyncio.get_running_loop().time
+        #: when the last byte arrived (the idle deadline's reference)
+        self.last_read = self._clock()
         self.lost = False
         #: whether the current exchange got any byte of its answer (a stale connection got none)
         self.answered_bytes = False
@@ -242,6 +250,15 @@ class Connection(asyncio.Protocol):
         self._pool._joined(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self._clock()
+        feed = self._feed
+        if feed is not None:  # the body: one call into the parser, which calls on_body
+            try:
+                feed(data)
+            except _PARSE_ERRORS as exc:
+                assert self._response is not None
+                self._response.parse_failed(exc)
+            return
         response = self._response
         if response is None:  # bytes nobody asked for: the connection cannot be trusted
             self.reusable = False
@@ -249,6 +266,10 @@ class Connection(asyncio.Protocol):
             return
         self.answered_bytes = True
         response.received(data)
+
+    def reading_body(self, feed: Callable[[bytes], None] | None) -> None:
+        """The current answer's head is in (`feed`: its parser), or its body ended (None)."""
+        self._feed = feed
 
     def eof_received(self) -> bool:
         return False  # close the transport: HTTP/1.1 has no half-closed use here
@@ -259,6 +280,7 @@ class Connection(asyncio.Protocol):
             self._expiry.cancel()
             self._expiry = None
         self._pool._gone(self)
+        self._feed = None
         response, self._response = self._response, None
         if response is not None:
             response.connection_lost(exc)
@@ -269,7 +291,7 @@ class Connection(asyncio.Protocol):
         """The exchange is over: back to the pool when `reuse`, else closed."""
         if self._response is not response:
             return
-        self._response = None
+        self._response, self._feed = None, None
         if reuse and self.usable:
             self._pool._put_back(self)
         else:
@@ -302,7 +324,6 @@ class Response:
         "_head_waiter",
         "_idle_handle",
         "_idle_s",
-        "_last_read",
         "_loop",
         "_method",
         "_on_end",
@@ -312,6 +333,7 @@ class Response:
         "_raw_headers",
         "_sink",
         "_size",
+        "_unparsed_head",
         "_waiter",
         "at_eof",
         "headers",
@@ -324,7 +346,8 @@ class Response:
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._raw_headers: list[tuple[bytes, bytes]] | None = []
-        self._head_bytes = 0
+        #: the head's bytes: its header lines as parsed, and every read while it is not whole
+        self._head_bytes = self._unparsed_head = 0
         self._head_waiter: asyncio.Future[None] | None = self._loop.create_future()
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
@@ -341,7 +364,6 @@ class Response:
         self._paused = False
         self._idle_s = idle_s
         self._idle_handle: asyncio.TimerHandle | None = None
-        self._last_read = self._loop.time()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -395,7 +417,7 @@ class Response:
     def resume_reading(self) -> None:
         if self._paused:
             self._paused = False
-            self._last_read = self._loop.time()  # the idle deadline counts from here again
+            self._conn.last_read = self._loop.time()  # the idle deadline counts from here again
             if self._conn.transport is not None and not self._conn.lost:
                 self._conn.transport.resume_reading()
 
@@ -411,19 +433,27 @@ class Response:
     # -- the connection's callbacks -----------------------------------------------------------
 
     def received(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
-        in_head = self._raw_headers is not None
-        if in_head:
-            self._head_bytes += len(data)
+        """A read before the head was whole (the body's reads go to the parser directly), or
+        after the body ended."""
+        if self.at_eof or self._error is not None:  # bytes past the answer's end
+            self._conn.close()
+            return
+        self._unparsed_head += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except _PARSE_ERRORS as exc:
+            self.parse_failed(exc)
+        else:  # a head not whole yet: bound what the parser may hold of it
+            if self._raw_headers is not None and self._unparsed_head > HEAD_LIMIT:
+                self._fail(_head_too_large())
+
+    def parse_failed(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
             self._fail(ProtocolViolation("the upstream switched protocols"))
-        except httptools.HttpParserError as exc:
+        elif isinstance(exc.__context__, ProtocolViolation):  # raised by on_headers_complete
+            self._fail(exc.__context__)
+        else:
             self._fail(ProtocolViolation(f"the upstream's answer is not HTTP/1.1: {exc!r}"))
-        else:  # checked after the read: a read may hold a small head and a large body
-            if in_head and self._raw_headers is not None and self._head_bytes > HEAD_LIMIT:
-                self._fail(ProtocolViolation(f"the answer's head is over {HEAD_LIMIT} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.at_eof or self._error is not None:
@@ -437,9 +467,13 @@ class Response:
 
     # -- httptools' callbacks -----------------------------------------------------------------
 
+    def on_status(self, reason: bytes) -> None:
+        self._head_bytes += len(reason) + 16  # the status line's reason, version and code
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._raw_headers is not None:
             self._raw_headers.append((name, value))
+            self._head_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         parser, raw = self._parser, self._raw_headers
@@ -447,9 +481,11 @@ class Response:
         if status == 101 or parser.should_upgrade():
             raise ProtocolViolation("the upstream switched protocols")
         if 100 <= status < 200:  # an interim answer: wait for the final one
-            self._raw_headers, self._head_bytes = [], 0
+            self._raw_headers, self._head_bytes, self._unparsed_head = [], 0, 0
             return
         assert raw is not None
+        if self._head_bytes > HEAD_LIMIT:
+            raise _head_too_large()
         self._raw_headers = None
         headers: CIMultiDict[str] = CIMultiDict(
             (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in raw
@@ -463,9 +499,11 @@ class Response:
         if not parser.should_keep_alive():
             self._conn.reusable = False
         if self._method == "HEAD" or status in _NO_BODY_STATUS:
-            if self._method == "HEAD":
-                self._conn.reusable = False  # llhttp would wait for the announced body
+            # no body, whatever the headers announce; the next answer gets a parser of its own
+            self._framed = True
             self._complete()
+        else:
+            self._conn.reading_body(parser.feed_data)
         self._wake_head()
 
     def on_body(self, body: bytes) -> None:
@@ -492,12 +530,16 @@ class Response:
     # -- the ends -----------------------------------------------------------------------------
 
     def _complete(self) -> None:
-        if self._decoder is not None:
-            rest = self._decoder.flush()
-            self._decoder = None
-            if rest:
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            if rest := decoder.flush():
                 self.on_body(rest)
+            if not decoder.eof:
+                self._fail(ProtocolViolation("the compressed body ends before its end"))
+                return
         self.at_eof = True
+        self._conn.reading_body(None)
+        self.resume_reading()  # the connection reads again: the next answer may come on it
         self._stop_idle()
         self._wake()
         if self._sink is not None:
@@ -508,6 +550,7 @@ class Response:
             return
         self._error = error
         self._stop_idle()
+        self._conn.reading_body(None)
         self._conn.reusable = False
         self._conn.close()
         waiter = self._head_waiter
@@ -542,15 +585,15 @@ class Response:
 
     def watch_idle(self) -> None:
         if self._idle_s is not None:
-            self._last_read = self._loop.time()
-            self._idle_handle = self._loop.call_at(self._last_read + self._idle_s, self._check)
+            self._conn.last_read = now = self._loop.time()
+            self._idle_handle = self._loop.call_at(now + self._idle_s, self._check)
 
     def _check(self) -> None:
         self._idle_handle = None
         idle_s = self._idle_s
         if idle_s is None or self.at_eof or self._error is not None:
             return
-        due = (self._loop.time() if self._paused else self._last_read) + idle_s
+        due = (self._loop.time() if self._paused else self._conn.last_read) + idle_s
         if due > self._loop.time():
             self._idle_handle = self._loop.call_at(due, self._check)
             return
@@ -564,3 +607,8 @@ class Response:
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+
+
+def _head_too_large() -> ProtocolViolation:
+    return ProtocolViolation(f"the answer's head is over {HEAD_LIMIT} bytes")
