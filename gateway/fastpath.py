@@ -14,8 +14,9 @@ does not run (`h1.Response.pause_reading`).
 
 What this relies on in aiohttp's server (3.14): `StreamResponse._payload_writer` is the
 connection's `StreamWriter`; its `chunked`, `length`, `_compress`, headers-sent state and
-hooks say whether its framing is the plain one reproduced here; its `protocol.writing_paused`
-is the client transport's flow control, and `drain()` waits for it. `tap()` checks these and
+hooks say whether its framing is the plain one reproduced here; its `protocol._paused` (what
+the `writing_paused` property returns) is the client transport's flow control, and `drain()`
+waits for it. `tap()` checks these and
 returns None when any does not hold, and the relay then keeps its awaited loop.
 """
 
@@ -116,7 +117,7 @@ class Tap:
                 structlog.get_logger("gateway").exception("stream_observer_failed")
         if self._over is not None and self._over():
             self._stop("cut")
-        elif self._client.writing_paused and not self._held:
+        elif self._client._paused and not self._held:  # `writing_paused`, without a property call
             self._held = True
             self._body.pause_reading()
             self._signal()
