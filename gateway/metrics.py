@@ -9,14 +9,52 @@ Tests build a fresh `CollectorRegistry` each; the app builds one per process.
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from .batch import FlushOnCollect, MeterBatch
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 INTER_CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+#: children kept per metric; past that (not reached with bounded labels) lookups go through
+CHILD_CACHE_ENTRIES = 4096
+
+
+class _KeptChildren(MetricWrapperBase):
+    """`labels(*values)` keeps each child after its first lookup.
+
+    prometheus-client's `labels` validates the values, takes a lock and builds a tuple per
+    call (0.8 us hot); a streamed request asks for about a dozen children. The gateway never
+    removes a child, so a kept one stays the registry's own.
+    """
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
+        kept: dict[tuple[Any, ...], Self] | None = self.__dict__.get("_kept")
+        if kept is None:
+            kept = self.__dict__["_kept"] = {}
+        child = kept.get(labelvalues)
+        if child is None or labelkwargs:
+            child = super().labels(*labelvalues, **labelkwargs)
+            if not labelkwargs and len(kept) < CHILD_CACHE_ENTRIES:
+                kept[labelvalues] = child
+        return child
+
+
+class _Counter(_KeptChildren, Counter):
+    pass
+
+
+class _Gauge(_KeptChildren, Gauge):
+    pass
+
+
+class _Histogram(_KeptChildren, Histogram):
+    pass
 
 
 class GatewayMetrics:
@@ -27,95 +65,95 @@ class GatewayMetrics:
         self.batch = MeterBatch()
         self._gaps: dict[str, BatchedObserver] = {}
         registry.register(FlushOnCollect(self.flush_pending))
-        self.requests = Counter(
+        self.requests = _Counter(
             "gateway_requests",
             "Requests answered, by final HTTP status code.",
             ["team", "model", "upstream", "code"],
             registry=registry,
         )
-        self.tokens = Counter(
+        self.tokens = _Counter(
             "gateway_tokens",
             "Tokens, counted while streams run (prompt, completion, reasoning).",
             ["team", "model", "type"],
             registry=registry,
         )
-        self.active_streams = Gauge(
+        self.active_streams = _Gauge(
             "gateway_active_streams",
             "Streams being relayed now.",
             ["team", "model"],
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             "gateway_time_to_first_token_seconds",
             "From the request's arrival to the first upstream body byte sent to the client.",
             ["model", "upstream"],
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
-        self.inter_chunk = Histogram(
+        self.inter_chunk = _Histogram(
             "gateway_inter_chunk_seconds",
             "Time between two upstream reads relayed within a stream.",
             ["model"],
             buckets=INTER_CHUNK_BUCKETS,
             registry=registry,
         )
-        self.stream_duration = Histogram(
+        self.stream_duration = _Histogram(
             "gateway_stream_duration_seconds",
             "From the request's arrival to the end of the stream.",
             ["model", "upstream"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = _Counter(
             "gateway_rate_limited",
             "Requests refused by a limit (requests, tokens, concurrency, inflight).",
             ["team", "limit"],
             registry=registry,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = _Counter(
             "gateway_upstream_errors",
             "Upstream failures, by reason.",
             ["upstream", "reason"],
             registry=registry,
         )
-        self.finish_reasons = Counter(
+        self.finish_reasons = _Counter(
             "gateway_finish_reason",
             "Choices finished, by finish_reason (none when a stream ended without one).",
             ["model", "reason"],
             registry=registry,
         )
-        self.client_disconnects = Counter(
+        self.client_disconnects = _Counter(
             "gateway_client_disconnects",
             "Requests whose client went away before the answer ended (or began).",
             ["team", "model"],
             registry=registry,
         )
-        self.inflight = Gauge(
+        self.inflight = _Gauge(
             "gateway_inflight_requests",
             "Requests being handled now (admitted past max_inflight).",
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.limits_degraded = Gauge(
+        self.limits_degraded = _Gauge(
             "gateway_limits_backend_degraded",
             "1 while the shared limits backend is unreachable.",
             registry=registry,
             multiprocess_mode="max",
         )
-        self.usage_estimated = Counter(
+        self.usage_estimated = _Counter(
             "gateway_usage_estimated_tokens",
             "Completion tokens the gateway counted, on requests whose upstream reported usage.",
             ["model"],
             registry=registry,
         )
-        self.usage_upstream = Counter(
+        self.usage_upstream = _Counter(
             "gateway_usage_upstream_tokens",
             "Completion tokens the upstream reported, on the same requests.",
             ["model"],
             registry=registry,
         )
-        self.decode_errors = Counter(
+        self.decode_errors = _Counter(
             "gateway_sse_decode_errors",
             "Upstream SSE events whose data was not valid JSON (relayed unchanged).",
             ["model"],
