@@ -173,13 +173,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     ctx = RequestContext(request_id=request_id, started=time.perf_counter())
     request[CTX] = ctx
     if request.path in PUBLIC_PATHS:
-        return await handler(request)
+        return _close_if_body_unread(request, await handler(request))
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         lifecycle = request.app[COMPONENTS].lifecycle
         task = lifecycle.track()
         try:
-            response = await handler(request)
+            response = _close_if_body_unread(request, await handler(request))
         finally:
             lifecycle.untrack(task)
         ctx.status = ctx.status or response.status
@@ -193,6 +193,19 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _close_if_body_unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """An answer to a request whose body the handler left unread says `Connection: close`.
+
+    aiohttp reads such a body after the answer to keep the connection; if it cannot (a
+    broken Content-Encoding), it drops the connection, and a client that sends its next
+    request on it gets no answer at all. Requests that carry a body to an endpoint that
+    takes none are rare: their connection is not worth the risk.
+    """
+    if not response.prepared and request.body_exists and not request.content.at_eof():
+        response.force_close()
+    return response
 
 
 def _new_request_id() -> str:

@@ -146,6 +146,24 @@ async def test_a_body_that_does_not_match_its_content_encoding_is_400() -> None:
     assert (line["end"], line["status"]) == ("rejected", 400)
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/healthz"])
+async def test_an_unread_body_that_cannot_be_decoded_does_not_break_the_next_request(
+    path: str,
+) -> None:
+    """Found by the fuzz test: a body sent to an endpoint that reads none was decoded by
+    aiohttp after the answer, failed, and the connection was dropped under the client's
+    next request. The answer now closes the connection itself."""
+    async with gateway(sim_settings()) as gw, aiohttp.ClientSession() as session:
+        url = gw.url + path
+        headers = {"Content-Encoding": "gzip"}
+        async with session.get(url, data=b"\x00\x00 not gzip", headers=headers) as first:
+            assert first.status == 200
+            assert first.headers["Connection"] == "close"
+            await first.read()
+        async with session.get(url) as second:  # on a new connection, not the dropped one
+            assert second.status == 200
+
+
 # -- slow clients -----------------------------------------------------------------------------
 
 
