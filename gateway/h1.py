@@ -29,7 +29,6 @@ The pool's size is bounded by the caller (`UpstreamClient.slots`).
 from __future__ import annotations
 
 import asyncio
-import collections
 import ssl
 import zlib
 from collections.abc import Callable, Iterable
@@ -354,7 +353,9 @@ class Response:
         #: the body ends where its framing says (length or chunked), not at the close
         self._framed = True
         self._decoder: Any = None
-        self._pieces: collections.deque[bytes] = collections.deque()
+        #: body bytes nobody read yet (a list, not a deque: they are always taken together,
+        #: and an empty deque is half a kilobyte per stream)
+        self._pieces: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Sink | None = None
@@ -388,9 +389,8 @@ class Response:
                 await self._waiter
             finally:
                 self._waiter = None
-        pieces = self._pieces
-        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
-        pieces.clear()
+        pieces, self._pieces = self._pieces, []
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self._size = 0
         if self._paused and self._sink is None:
             self.resume_reading()
@@ -399,8 +399,7 @@ class Response:
     def tap(self, sink: Sink, on_end: OnEnd) -> list[bytes]:
         """Hand every body piece to `sink` from now on (see the module notes); returns what
         was buffered before. `on_end` is called once, never from inside this call."""
-        buffered = list(self._pieces)
-        self._pieces.clear()
+        buffered, self._pieces = self._pieces, []
         self._size = 0
         self._sink, self._on_end = sink, on_end
         if self.at_eof or self._error is not None:
