@@ -283,6 +283,7 @@ class Connection(asyncio.Protocol):
         response, self._response = self._response, None
         if response is not None:
             response.connection_lost(exc)
+            response.detach()
 
     # -- the pool's side ----------------------------------------------------------------------
 
@@ -291,6 +292,7 @@ class Connection(asyncio.Protocol):
         if self._response is not response:
             return
         self._response, self._feed = None, None
+        response.detach()
         if reuse and self.usable:
             self._pool._put_back(self)
         else:
@@ -343,7 +345,9 @@ class Response:
         self._conn = conn
         self._method = method
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpResponseParser(self)
+        #: dropped when the exchange is over: it holds this response's bound callbacks, a
+        #: cycle the garbage collector would otherwise have to find
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._raw_headers: list[tuple[bytes, bytes]] | None = []
         #: the head's bytes: its header lines as parsed, and every read while it is not whole
         self._head_bytes = self._unparsed_head = 0
@@ -438,13 +442,20 @@ class Response:
             self._conn.close()
             return
         self._unparsed_head += len(data)
+        parser = self._parser
+        if parser is None:
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except _PARSE_ERRORS as exc:
             self.parse_failed(exc)
         else:  # a head not whole yet: bound what the parser may hold of it
             if self._raw_headers is not None and self._unparsed_head > HEAD_LIMIT:
                 self._fail(_head_too_large())
+
+    def detach(self) -> None:
+        """The exchange is over: nothing more is parsed for this answer."""
+        self._parser = None
 
     def parse_failed(self, exc: Exception) -> None:
         if isinstance(exc, httptools.HttpParserUpgrade):
@@ -476,6 +487,7 @@ class Response:
 
     def on_headers_complete(self) -> None:
         parser, raw = self._parser, self._raw_headers
+        assert parser is not None  # called by that parser
         status = parser.get_status_code()
         if status == 101 or parser.should_upgrade():
             raise ProtocolViolation("the upstream switched protocols")

@@ -11,6 +11,7 @@ Every test runs twice, on the default asyncio loop and on uvloop (`on_both_loops
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import hashlib
 import inspect
@@ -26,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import httptools
 import pytest
 import uvloop
 from multidict import CIMultiDictProxy
@@ -558,6 +560,36 @@ async def test_response_headers_keep_names_and_decode_values() -> None:
 
 
 # == 2. keep-alive ===========================================================================
+
+
+@on_both_loops
+async def test_a_finished_exchange_leaves_nothing_for_the_garbage_collector() -> None:
+    """A response and its parser refer to each other while parsing; once the exchange is
+    over they are freed by reference counting, not after the next full collection."""
+
+    def parsers() -> int:
+        return sum(type(o) is httptools.HttpResponseParser for o in gc.get_objects())
+
+    async with serving(answer_each(lambda _: chunked_answer(b"abc", b"def"))) as srv:
+        async with pool_for(srv) as pool:
+            gc.collect()
+            gc.disable()
+            try:
+                before = parsers()
+                for consumer in ("read_any", "tap"):
+                    response = await pool.request("GET", "/", [])
+                    if consumer == "read_any":
+                        assert await read_all(response) == b"abcdef"
+                    else:
+                        collector = Collector()
+                        collector.tap(response)
+                        assert await collector.finished() is None
+                        del collector
+                    response.release()
+                    del response
+                    assert parsers() == before, consumer
+            finally:
+                gc.enable()
 
 
 @on_both_loops
