@@ -13,7 +13,8 @@ What it does, and nothing more:
 * one `Pool` per upstream origin: idle connections kept `keepalive_s` and reused last-in
   first-out; `Pool.request` retries once on a new connection when a reused one closes before
   any byte of the answer (the upstream dropped an idle keep-alive connection);
-* TCP or TLS connect within `connect_timeout_s`;
+* TCP or TLS connect within `connect_timeout_s`; a host name's addresses are looked up once
+  per `DNS_TTL_S` (one lookup shared by a burst of new connections), then tried in order;
 * bodies framed by Content-Length, chunked, or the connection's close; HEAD, 1xx, 204 and
   304 answers; gzip and deflate bodies decoded;
 * one idle deadline per exchange (`idle_timeout_s` without a byte, for the head or the body),
@@ -29,6 +30,8 @@ The pool's size is bounded by the caller (`UpstreamClient.slots`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import zlib
 from collections.abc import Callable, Iterable
@@ -41,6 +44,8 @@ from yarl import URL
 HEAD_LIMIT = 64 * 1024
 HIGH_WATER = 64 * 1024
 KEEPALIVE_S = 30.0
+#: how long a host name's addresses are reused for new connections (aiohttp's default too)
+DNS_TTL_S = 10.0
 #: methods whose request carries a Content-Length even when the body is empty
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -98,6 +103,10 @@ class Pool:
         self._idle: list[Connection] = []
         self._live: set[Connection] = set()
         self.closed = False
+        #: the upstream's addresses: fixed for an IP literal, else looked up (see _addresses)
+        self._addresses_until = float("inf") if _is_ip(url.host) else 0.0
+        self._address_list: list[tuple[str, int]] = [(url.host, self.port)]
+        self._lookup: asyncio.Task[list[tuple[str, int]]] | None = None
 
     @property
     def open_connections(self) -> int:
@@ -160,20 +169,47 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
-                )
+                addresses = await self._addresses()
+                for i, (address, port) in enumerate(addresses):
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: Connection(self),
+                            address,
+                            port,
+                            ssl=self._ssl,
+                            server_hostname=self.host if self._ssl is not None else None,
+                        )
+                        return conn
+                    except OSError:
+                        if i == len(addresses) - 1:
+                            raise
         except TimeoutError:
             raise ConnectFailed(
                 f"connect to {self.host}:{self.port} took over {self.connect_timeout_s} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {exc!r}") from exc
-        return conn
+        raise ConnectFailed(f"{self.host} has no address")
+
+    async def _addresses(self) -> list[tuple[str, int]]:
+        """The host's addresses, looked up at most once per DNS_TTL_S by all connects."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._addresses_until:
+            return self._address_list
+        if self._lookup is None or self._lookup.done():
+            self._lookup = loop.create_task(self._look_up())
+            self._lookup.add_done_callback(_retrieve)
+        # shielded: a connect that gives up does not cancel the others' lookup
+        return await asyncio.shield(self._lookup)
+
+    async def _look_up(self) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        found = list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+        if not found:
+            raise OSError(f"no address for {self.host}")
+        self._address_list, self._addresses_until = found, loop.time() + DNS_TTL_S
+        return found
 
     def _joined(self, conn: Connection) -> None:
         self._live.add(conn)
@@ -619,6 +655,20 @@ class Response:
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A lookup nobody awaits any more must not log "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _head_too_large() -> ProtocolViolation:

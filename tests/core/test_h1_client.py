@@ -593,6 +593,36 @@ async def test_a_finished_exchange_leaves_nothing_for_the_garbage_collector() ->
 
 
 @on_both_loops
+async def test_a_burst_of_connections_to_a_host_name_looks_it_up_once() -> None:
+    """The pool reuses a name's addresses for DNS_TTL_S (localhost may list ::1 first: the
+    server listens on 127.0.0.1 only, so the next address is tried). Without the pool's own
+    lookup the default loop's create_connection asks once per connection; uvloop's asks
+    too, but inside its C code, out of this count."""
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    real_getaddrinfo = loop.getaddrinfo
+
+    async def counted(host: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host)
+        return await real_getaddrinfo(host, *args, **kwargs)
+
+    loop.getaddrinfo = counted  # type: ignore[method-assign]
+    try:
+        async with (
+            serving(answer_each(lambda _: answer(b"ok"))) as srv,
+            pool_for(srv, base_url=f"http://localhost:{srv.port}") as pool,
+        ):
+            responses = await asyncio.gather(*(pool.request("GET", "/", []) for _ in range(20)))
+            assert [await read_all(r) for r in responses] == [b"ok"] * 20
+            for response in responses:
+                response.release()
+            assert srv.accepted == 20
+    finally:
+        del loop.getaddrinfo
+    assert lookups == ["localhost"]
+
+
+@on_both_loops
 async def test_fifty_sequential_requests_use_one_connection() -> None:
     def respond(request: Request) -> bytes:
         n = int(request.target.rsplit("/", 1)[1])
