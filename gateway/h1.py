@@ -18,8 +18,10 @@ What it does, and nothing more:
 * bodies framed by Content-Length, chunked, or the connection's close; HEAD, 1xx, 204 and
   304 answers; gzip and deflate bodies decoded;
 * one idle deadline per exchange (`idle_timeout_s` without a byte, for the head or the body),
-  kept with one timer per idle period checked against the last read, not re-armed per read;
-  time the consumer holds the upstream back (`pause_reading`) is not the upstream's silence;
+  checked against the last read by one sweep per pool every quarter of the timeout (at most
+  1 s): no timer per exchange or per read, and a timeout fires within a quarter of its
+  length; time the consumer holds the upstream back (`pause_reading`) is not the upstream's
+  silence;
 * backpressure: a body nobody reads pauses the socket past `HIGH_WATER` buffered bytes; a
   tapped body is paused by its consumer;
 * bounds: the status line and headers at most `HEAD_LIMIT` bytes; no upgrades.
@@ -107,6 +109,9 @@ class Pool:
         self._addresses_until = float("inf") if _is_ip(url.host) else 0.0
         self._address_list: list[tuple[str, int]] = [(url.host, self.port)]
         self._lookup: asyncio.Task[list[tuple[str, int]]] | None = None
+        #: exchanges whose idle deadline runs, and the sweep that checks them
+        self._watched: set[Response] = set()
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     @property
     def open_connections(self) -> int:
@@ -136,6 +141,9 @@ class Pool:
 
     async def aclose(self) -> None:
         self.closed = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         for conn in list(self._live):
             conn.close()
         self._idle.clear()
@@ -210,6 +218,29 @@ class Pool:
             raise OSError(f"no address for {self.host}")
         self._address_list, self._addresses_until = found, loop.time() + DNS_TTL_S
         return found
+
+    # -- idle deadlines -------------------------------------------------------------------------
+
+    def watch(self, response: Response) -> None:
+        self._watched.add(response)
+        if self._sweep_handle is None:
+            self._arm_sweep()
+
+    def unwatch(self, response: Response) -> None:
+        self._watched.discard(response)
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        now = asyncio.get_running_loop().time()
+        for response in list(self._watched):  # a timeout takes the response out of the set
+            response.check_idle(now)
+        if self._watched:
+            self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        if self.idle_timeout_s is not None:
+            every = min(self.idle_timeout_s / 4, 1.0)
+            self._sweep_handle = asyncio.get_running_loop().call_later(every, self._sweep)
 
     def _joined(self, conn: Connection) -> None:
         self._live.add(conn)
@@ -359,7 +390,6 @@ class Response:
         "_framed",
         "_head_bytes",
         "_head_waiter",
-        "_idle_handle",
         "_idle_s",
         "_loop",
         "_method",
@@ -404,7 +434,6 @@ class Response:
         self.at_eof = False
         self._paused = False
         self._idle_s = idle_s
-        self._idle_handle: asyncio.TimerHandle | None = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -632,25 +661,22 @@ class Response:
 
     def watch_idle(self) -> None:
         if self._idle_s is not None:
-            self._conn.last_read = now = self._loop.time()
-            self._idle_handle = self._loop.call_at(now + self._idle_s, self._check)
+            self._conn.last_read = self._loop.time()
+            self._conn._pool.watch(self)
 
-    def _check(self) -> None:
-        self._idle_handle = None
+    def check_idle(self, now: float) -> None:
+        """The pool's sweep: time out if nothing came for the idle timeout (paused time, held
+        back by the consumer, does not count: resuming restarts the deadline)."""
         idle_s = self._idle_s
         if idle_s is None or self.at_eof or self._error is not None:
-            return
-        due = (self._loop.time() if self._paused else self._conn.last_read) + idle_s
-        if due > self._loop.time():
-            self._idle_handle = self._loop.call_at(due, self._check)
-            return
-        where = "the answer's head" if self._raw_headers is not None else "more of the body"
-        self._fail(IdleTimeout(f"the upstream sent no byte for {idle_s} s, waiting for {where}"))
+            self._stop_idle()
+        elif not self._paused and now - self._conn.last_read >= idle_s:
+            where = "the answer's head" if self._raw_headers is not None else "more of the body"
+            error = IdleTimeout(f"the upstream sent no byte for {idle_s} s, waiting for {where}")
+            self._fail(error)
 
     def _stop_idle(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        self._conn._pool.unwatch(self)
 
 
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
