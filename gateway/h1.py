@@ -489,6 +489,11 @@ class Response:
             if self._conn.transport is not None and not self._conn.lost:
                 self._conn.transport.resume_reading()
 
+    def forget_headers(self) -> None:
+        """The caller has what it needed of the headers: a stream that lasts minutes does not
+        keep them."""
+        self.headers = _NO_HEADERS
+
     def release(self) -> None:
         """Back to the pool if the body was read to its end (and keep-alive holds)."""
         self._stop_idle()

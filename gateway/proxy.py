@@ -342,6 +342,7 @@ async def _answer(
         headers = response_headers(opened.response.headers)
         resp = await exchange.prepare_stream(request, status, headers)
     plan = exchange.relay_plan(opened)
+    opened.response.forget_headers()  # all read: the client's copy went out with its head
     plan.client_transport = request.transport
     if plan.sse and tail in COMPLETION_ENDPOINTS:
         plan.end_check = lambda: _cut_short(exchange)
