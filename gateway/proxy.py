@@ -54,8 +54,6 @@ COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
 CUT_WRITE_S = 1.0
 #: a `.` or `..` path segment, or a control character
 _UNSAFE_TAIL = re.compile(r"(?:^|/)\.\.?(?:/|$)|[\x00-\x1f\x7f]")
-#: a body left unread or unreadable: the connection cannot carry another request
-_UNREAD_BODY = {"Connection": "close"}
 
 
 @dataclass(slots=True)
@@ -119,7 +117,7 @@ def check_tail(tail: str) -> str:
 
     `tail` is already percent-decoded: `%2e%2e` is `..` here. Dot segments would climb out of
     the base URL's path once the upstream normalises them, and control characters have no
-    business in a path; everything else is percent-encoded again by `UpstreamClient.url_for`.
+    business in a path; everything else is percent-encoded again by `UpstreamClient.target_for`.
     """
     if _UNSAFE_TAIL.search(tail):
         raise BadRequest(f"Invalid path: /v1/{tail!r}", code="invalid_path")
@@ -127,7 +125,10 @@ def check_tail(tail: str) -> str:
 
 
 async def read_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
-    """The whole body, at most max_bytes (413), within timeout_s (408: a slowloris body)."""
+    """The whole body, at most max_bytes (413), within timeout_s (408: a slowloris body).
+
+    An answer to a body left unread or unreadable closes the connection (app.py,
+    `_close_if_body_unread`): it cannot carry another request."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
     body = bytearray()
@@ -143,7 +144,6 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
         error = BadRequest(
             f"The request body did not arrive within {timeout_s} s.",
             code="request_timeout",
-            headers=_UNREAD_BODY,
         )
         error.status = 408
         raise error from None
@@ -152,7 +152,6 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
         raise BadRequest(
             f"The request body could not be decoded (Content-Encoding: {encoding!r}).",
             code="invalid_request_body",
-            headers=_UNREAD_BODY,
         ) from None
     park_buffer(content)  # read to its end: its buffer is not needed for the stream's life
     return bytes(body)

@@ -143,6 +143,7 @@ async def test_a_body_that_does_not_match_its_content_encoding_is_400() -> None:
         assert requests_counted(gw, "400") == 1
         assert sim_state(gw).requests_received == 0
     assert_openai_error(answer, 400, "invalid_request_body")
+    assert answer.headers["connection"] == "close"  # the rest of the body cannot be read
     assert (line["end"], line["status"]) == ("rejected", 400)
 
 
@@ -215,6 +216,7 @@ async def test_a_slowloris_body_is_408_after_the_body_timeout() -> None:
         assert requests_counted(gw, "408") == 1
         assert sim_state(gw).requests_received == 0
     assert head.startswith(b"HTTP/1.1 408")
+    assert b"\r\nConnection: close\r\n" in head  # the rest of the body never came
     assert orjson.loads(answer)["error"]["code"] == "request_timeout"
     assert (line["end"], line["status"]) == ("rejected", 408)
 
