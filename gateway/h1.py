@@ -32,6 +32,7 @@ The pool's size is bounded by the caller (`UpstreamClient.slots`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -51,6 +52,8 @@ DNS_TTL_S = 10.0
 #: methods whose request carries a Content-Length even when the body is empty
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _NO_BODY_STATUS = frozenset({204, 304})
+#: a request body below this size goes out in the same write as the head
+_JOINED_BODY_BYTES = 16 * 1024
 
 Sink = Callable[[bytes], None]
 OnEnd = Callable[[BaseException | None], None]
@@ -174,30 +177,30 @@ class Pool:
         return None
 
     async def _connect(self) -> Connection:
-        loop = asyncio.get_running_loop()
+        """A new connection to the first of the host's addresses that takes it."""
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                addresses = await self._addresses()
-                for i, (address, port) in enumerate(addresses):
-                    try:
-                        _, conn = await loop.create_connection(
-                            lambda: Connection(self),
-                            address,
-                            port,
-                            ssl=self._ssl,
-                            server_hostname=self.host if self._ssl is not None else None,
-                        )
-                        return conn
-                    except OSError:
-                        if i == len(addresses) - 1:
-                            raise
+                *others, last = await self._addresses()
+                for address, port in others:
+                    with contextlib.suppress(OSError):
+                        return await self._open(address, port)
+                return await self._open(*last)
         except TimeoutError:
             raise ConnectFailed(
                 f"connect to {self.host}:{self.port} took over {self.connect_timeout_s} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {exc!r}") from exc
-        raise ConnectFailed(f"{self.host} has no address")
+
+    async def _open(self, address: str, port: int) -> Connection:
+        _, conn = await asyncio.get_running_loop().create_connection(
+            lambda: Connection(self),
+            address,
+            port,
+            ssl=self._ssl,
+            server_hostname=self.host if self._ssl is not None else None,
+        )
+        return conn
 
     async def _addresses(self) -> list[tuple[str, int]]:
         """The host's addresses, looked up at most once per DNS_TTL_S by all connects."""
@@ -302,8 +305,10 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None and self._response is None
         response = Response(self, method, self._pool.idle_timeout_s)
         self._response, self.answered_bytes = response, False
-        self.transport.write(head + body if len(body) < 16384 else head)
-        if len(body) >= 16384:
+        if len(body) < _JOINED_BODY_BYTES:
+            self.transport.write(head + body)  # one syscall: copying a small body costs less
+        else:
+            self.transport.write(head)
             self.transport.write(body)
         response.watch_idle()
         await response.head_done()
@@ -346,11 +351,9 @@ class Connection(asyncio.Protocol):
             self._expiry.cancel()
             self._expiry = None
         self._pool._gone(self)
-        self._feed = None
-        response, self._response = self._response, None
+        response = self._end_exchange()
         if response is not None:
             response.connection_lost(exc)
-            response.detach()
 
     # -- the pool's side ----------------------------------------------------------------------
 
@@ -358,12 +361,18 @@ class Connection(asyncio.Protocol):
         """The exchange is over: back to the pool when `reuse`, else closed."""
         if self._response is not response:
             return
-        self._response, self._feed = None, None
-        response.detach()
+        self._end_exchange()
         if reuse and self.usable:
             self._pool._put_back(self)
         else:
             self.close()
+
+    def _end_exchange(self) -> Response | None:
+        """No answer is current any more; the one that was lets go of its parser."""
+        response, self._response, self._feed = self._response, None, None
+        if response is not None:
+            response.detach()
+        return response
 
     def enter_pool(self, keepalive_s: float) -> None:
         loop = asyncio.get_running_loop()
