@@ -248,7 +248,8 @@ async def _send(client: UpstreamClient, request: UpstreamRequest) -> h1.Response
             f"upstream {client.name!r} sent no answer in time", reason="idle_timeout"
         ) from None
     except h1.ConnectFailed as exc:
-        error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc}")
+        # the class only: the client must not learn the upstream's address
+        error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc.__class__.__name__}")
         raise _Retryable(error) from exc
     except h1.Disconnected as exc:
         error = UpstreamError(

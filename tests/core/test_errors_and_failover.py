@@ -78,11 +78,13 @@ async def test_body_over_the_limit_is_413(upstream: FakeUpstream) -> None:
 
 
 async def test_unreachable_upstream_is_502() -> None:
-    async with running_gateway(settings_for(f"http://127.0.0.1:{closed_port()}/v1")) as gw:
+    port = closed_port()
+    async with running_gateway(settings_for(f"http://127.0.0.1:{port}/v1")) as gw:
         status, _, body = await post(gw, CHAT)
         assert gw.metric("gateway_upstream_errors_total", upstream="up0", reason="connect") == 1
     assert status == 502
     assert_openai_error(body, "upstream_error")
+    assert str(port) not in body.decode()  # the client never learns the upstream's address
 
 
 async def test_upstream_silent_before_headers_is_504(upstream: FakeUpstream) -> None:
