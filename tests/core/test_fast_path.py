@@ -4,10 +4,11 @@ the upstream's read callback, and a full client buffer pauses the upstream's rea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
 import pytest
+from aiohttp.http_writer import StreamWriter
 
 from gateway import h1
 from tests.core.conftest import settings_for
@@ -59,6 +60,33 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_ev
     assert head.startswith(b"HTTP/1.1 200")
     assert _dechunk(chunked) == b"".join(pieces)
     assert pauses > 0
+
+
+async def test_the_head_goes_out_with_the_first_event_in_one_write(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces = [EVENT, b"data: [DONE]\n\n"]
+    upstream.scripts.append(Script(pieces, pause_s=0.01))
+    writes: list[bytes] = []
+    write, writelines = StreamWriter._write, StreamWriter._writelines
+
+    def recorded(self: StreamWriter, chunk: bytes) -> None:
+        writes.append(bytes(chunk))
+        write(self, chunk)
+
+    def recorded_lines(self: StreamWriter, chunks: Iterable[bytes]) -> None:
+        chunks = list(chunks)
+        writes.append(b"".join(chunks))
+        writelines(self, chunks)
+
+    monkeypatch.setattr(StreamWriter, "_write", recorded)
+    monkeypatch.setattr(StreamWriter, "_writelines", recorded_lines)
+    async with running_gateway(settings_for(upstream.base_url)) as gw:
+        raw = await _exchange(gw.url, pause_s=0)
+    assert _dechunk(raw.partition(b"\r\n\r\n")[2]) == b"".join(pieces)
+    # the gateway's head (the fake upstream's own does not say X-Accel-Buffering)
+    [head] = [w for w in writes if w.startswith(b"HTTP/1.1 200") and b"X-Accel-Buffering" in w]
+    assert head.endswith(b"\r\n\r\n%x\r\n%b\r\n" % (len(EVENT), EVENT))
 
 
 async def _exchange(url: str, pause_s: float) -> bytes:
