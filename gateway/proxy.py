@@ -337,9 +337,10 @@ async def _answer(
     status = opened.response.status
     if status >= 400:
         return await _upstream_refused(exchange, opened, resp)
-    if resp is None:
-        headers = response_headers(opened.response.headers)
-        resp = await exchange.prepare_stream(request, status, headers)
+    if resp is None:  # (no local for the headers: a stream that lasts minutes keeps its frame)
+        resp = await exchange.prepare_stream(
+            request, status, response_headers(opened.response.headers)
+        )
     plan = exchange.relay_plan(opened)
     opened.response.forget_headers()  # all read: the client's copy went out with its head
     plan.client_transport = request.transport

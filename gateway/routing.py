@@ -22,14 +22,20 @@ class Router:
 
     def __init__(self, settings: Settings) -> None:
         self._routes = settings.routes
+        #: every (route, pattern, whether the pattern is a plain name), in order: a request
+        #: does not look at a pattern's characters again
+        self._patterns = [
+            (route, pattern, _literal(pattern))
+            for route in self._routes
+            for pattern in route.models
+        ]
 
     def match(self, model: str) -> RouteMatch | None:
-        for route in self._routes:
-            for pattern in route.models:
-                if pattern == model:
-                    return RouteMatch(route, model)
-                if not _literal(pattern) and fnmatchcase(model, pattern):
-                    return RouteMatch(route, pattern)
+        for route, pattern, literal in self._patterns:
+            if pattern == model:
+                return RouteMatch(route, model)
+            if not literal and fnmatchcase(model, pattern):
+                return RouteMatch(route, pattern)
         return None
 
     def model_label(self, model: str | None) -> str:
