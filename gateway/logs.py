@@ -44,7 +44,9 @@ class LineBuffer:
         self._file = file
         self._lines: list[bytes] = []
         self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
+        #: the loop whose timer will write what waits (never cancelled: a timer that finds
+        #: nothing writes nothing, and no thread but the loop's touches it)
+        self._timer_on: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         atexit.register(self.flush)
 
@@ -55,14 +57,14 @@ class LineBuffer:
                 self._write_out()
             self._lines.append(line)
             self._size += len(line)
-            if self._timer is not None:
-                return
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 self._write_out()
-            else:
-                self._timer = loop.call_later(FLUSH_S, self.flush)
+                return
+            if self._timer_on is not loop:  # none yet, or one on a loop that has ended
+                self._timer_on = loop
+                loop.call_later(FLUSH_S, self._on_timer)
 
     def urgent(self, message: bytes) -> None:
         self.msg(message)
@@ -75,10 +77,12 @@ class LineBuffer:
         with self._lock:
             self._write_out()
 
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer_on = None
+            self._write_out()
+
     def _write_out(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._lines:
             data = b"".join(self._lines)
             self._lines.clear()

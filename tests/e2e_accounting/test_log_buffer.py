@@ -89,3 +89,19 @@ def test_outside_an_event_loop_nothing_waits() -> None:
     log = LineBuffer(pipe)
     log.info(line(1))
     assert pipe.read() == line(1) + b"\n"
+
+
+def test_a_loop_that_ended_with_lines_waiting_does_not_hold_back_the_next_loops() -> None:
+    pipe = Pipe()
+    log = LineBuffer(pipe)
+
+    async def log_and_leave() -> None:
+        log.info(line(1))  # its timer would be due after the loop has gone
+
+    async def log_and_wait() -> None:
+        log.info(line(2))
+        await asyncio.sleep(FLUSH_S * 2)
+
+    asyncio.run(log_and_leave())
+    asyncio.run(log_and_wait())
+    assert pipe.read() == line(1) + b"\n" + line(2) + b"\n"
