@@ -469,7 +469,7 @@ class StreamMeter:
 
         That is the event `usage: inject` hides from a client that did not ask for it.
         """
-        if b'"usage"' not in event.data:
+        if event.data.find(b'"usage"') < 0:  # not `in`: see SSEDecoder.whole_event_data
             return False
         obj = self._parse(event)
         return type(obj) is dict and not obj.get("choices") and type(obj.get("usage")) is dict

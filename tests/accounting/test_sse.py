@@ -170,6 +170,15 @@ def test_one_complete_event_per_chunk_decodes_on_its_own() -> None:
     assert decoder.pending_raw == b""
 
 
+def test_the_one_event_shortcut_takes_a_lone_cr_as_the_line_end_it_is() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: first\n\n")  # the stream's start is behind: shortcut on
+    assert decoder.whole_event_data(b"data: a b\n\n") == b"a b"
+    chunk = b"data: a\rdata: b\n\n"  # two data lines, the first ended by CR alone
+    assert decoder.whole_event_data(chunk) is None  # not one plain line: the general path
+    assert decoder.feed(chunk) == [ServerSentEvent(None, b"a\nb", None, None)]
+
+
 def test_utf8_character_split_across_chunks_stays_whole() -> None:
     snowman = "data: ☃\n\n".encode()
     decoder = SSEDecoder()
