@@ -654,7 +654,9 @@ class Response:
             self._end_tap()
 
     def _end_tap(self) -> None:
-        on_end, self._on_end = self._on_end, None
+        # the sink is a bound method of the tap, which holds this response: let go of it, so
+        # that the stream's tap, meter and the rest are freed by reference counting
+        on_end, self._on_end, self._sink = self._on_end, None, None
         if on_end is not None:
             on_end(self._error)
 

@@ -4,6 +4,7 @@ the upstream's read callback, and a full client buffer pauses the upstream's rea
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
@@ -11,6 +12,8 @@ import pytest
 from aiohttp.http_writer import StreamWriter
 
 from gateway import h1
+from gateway.accounting import StreamMeter
+from gateway.fastpath import Tap
 from tests.core.conftest import settings_for
 from tests.support.fake_upstream import FakeUpstream, Script
 from tests.support.gateway import running_gateway
@@ -60,6 +63,35 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_ev
     assert head.startswith(b"HTTP/1.1 200")
     assert _dechunk(chunked) == b"".join(pieces)
     assert pauses > 0
+
+
+async def test_a_finished_stream_leaves_nothing_for_the_garbage_collector(
+    upstream: FakeUpstream,
+) -> None:
+    """Once a stream ends, its tap, meter and upstream answer are freed by reference
+    counting: only the garbage collector could free a reference cycle among them, and a
+    collection stops every stream in flight."""
+    pieces = [EVENT] * 5 + [b"data: [DONE]\n\n"]
+    streams = 3
+    upstream.scripts.extend(Script(pieces, pause_s=0.002) for _ in range(streams + 1))
+
+    def alive() -> int:
+        kinds = (Tap, h1.Response, StreamMeter)
+        return sum(isinstance(o, kinds) for o in gc.get_objects())
+
+    async with running_gateway(settings_for(upstream.base_url)) as gw:
+        await _exchange(gw.url, pause_s=0)  # what the first request sets up for good
+        gc.collect()
+        gc.disable()
+        try:
+            before = alive()
+            for _ in range(streams):
+                raw = await _exchange(gw.url, pause_s=0)
+                assert _dechunk(raw.partition(b"\r\n\r\n")[2]) == b"".join(pieces)
+            await asyncio.sleep(0.05)  # the meter's batch and the request's end have run
+            assert alive() == before
+        finally:
+            gc.enable()
 
 
 async def test_the_head_goes_out_with_the_first_event_in_one_write(
