@@ -1,5 +1,6 @@
 """Once serving, the process keeps the cyclic garbage collector off its streams' backs: what
-startup built is frozen (never scanned again) and full collections come ten times rarer."""
+startup built is frozen (never scanned again), and collections, young and full, come far
+rarer than at Python's defaults (the requests leave no cycles: see test_fast_path)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def restored_gc() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("restored_gc")
-async def test_serve_freezes_what_startup_built_and_makes_full_collections_rarer(
+async def test_serve_freezes_what_startup_built_and_makes_collections_rarer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gc.unfreeze()
@@ -45,7 +46,8 @@ async def test_serve_freezes_what_startup_built_and_makes_full_collections_rarer
             await settled.wait()
         assert gc.get_freeze_count() > 0
         young, middle, full = gc.get_threshold()
-        assert (young, middle) == default[:2]
+        assert young >= 10 * default[0]
+        assert middle >= default[1]
         assert full >= 10 * default[2]
     finally:
         stop.set()
