@@ -181,6 +181,44 @@ def o200k(bpe: dict[str, BpeTokenizer]) -> Tokenizer:
     return bpe["o200k_base"]
 
 
+class CountingEncoding:
+    """The real encoding underneath, counting the encodes asked of it."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.calls = real, 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.calls += 1
+        ids: list[int] = self.real.encode_ordinary(text)
+        return ids
+
+
+def test_a_long_text_seen_before_is_counted_without_encoding_it_again(
+    bpe: dict[str, BpeTokenizer],
+) -> None:
+    """Every turn of a chat sends the conversation again: its earlier messages are not
+    encoded again for the prompt estimate."""
+    real = bpe["o200k_base"].encoding
+    encoding = CountingEncoding(real)
+    tokenizer = BpeTokenizer("o200k_base", encoding)  # type: ignore[arg-type]
+    history = "Earlier in this conversation: the quick brown fox. " * 200
+    resent = history[:-1] + history[-1:]  # equal text, another object, as the next request's
+    assert resent is not history
+    assert tokenizer.count(history) == tokenizer.count(resent) == len(real.encode(history))
+    assert encoding.calls == 1
+    other = history[:-1] + "?"  # the same length, another text
+    assert tokenizer.count(other) == len(real.encode(other))
+    assert encoding.calls == 2
+
+
+def test_the_long_text_counts_keep_no_text(bpe: dict[str, BpeTokenizer]) -> None:
+    tokenizer = BpeTokenizer("o200k_base", bpe["o200k_base"].encoding)
+    prompt = "a prompt the gateway must not hold on to " * 20
+    references = sys.getrefcount(prompt)
+    tokenizer.count(prompt)
+    assert sys.getrefcount(prompt) == references
+
+
 def test_chat_prompt_counts_openais_message_overhead(o200k: Tokenizer) -> None:
     body = {"messages": [{"role": "user", "content": "hello world"}]}
     # 3 per message + "user" (1) + "hello world" (2) + 3 priming the reply
