@@ -509,7 +509,11 @@ class Response:
         self._conn.finished(self, self.at_eof and self._error is None and self._reusable())
 
     def close(self) -> None:
+        """Give up on this answer (its caller is gone): the connection closes, and a tap on
+        it hears nothing more; it holds the tap's callbacks no longer, a reference cycle
+        (the tap holds this answer) that only the garbage collector could break."""
         self._stop_idle()
+        self._sink = self._on_end = None
         self._conn.finished(self, False)
 
     # -- the connection's callbacks -----------------------------------------------------------

@@ -438,7 +438,10 @@ async def _upstream_refused(
             _failed_after_comments(exchange, error)
             await resp.write(sse_error_event(error))
             return resp
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # its traceback holds this frame: no reference cycle back to it
     exchange.ctx.status = status
     exchange.ctx.end = "upstream_error"
     if resp is not None:

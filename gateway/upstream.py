@@ -177,15 +177,18 @@ async def open_on_route(
     on_error: OnUpstreamError,
 ) -> Opened:
     """Try each upstream in order; return the first usable answer, or raise the last error."""
-    last: _Retryable | None = None
+    # the last failure's parts, not the exception: its traceback holds this frame, and this
+    # frame holding it would be a reference cycle only the garbage collector could break
+    last_error: GatewayError | None = None
+    last_opened: Opened | None = None
     for attempt, client in enumerate(clients):
-        if last is not None and last.opened is not None:
-            last.opened.close()
+        if last_opened is not None:
+            last_opened.close()
         try:
             opened = await _attempt(client, request, is_last=attempt == len(clients) - 1)
         except _Retryable as failure:
             on_error(client.name, failure.error.reason or "connect")
-            last = failure
+            last_error, last_opened = failure.error, failure.opened
         except GatewayError as error:  # not retried (a timeout), but counted all the same
             if error.reason is not None:
                 on_error(client.name, error.reason)
@@ -193,10 +196,13 @@ async def open_on_route(
         else:
             request.release()
             return opened
-    assert last is not None  # a route has at least one upstream (config check)
-    if last.opened is not None:
-        return last.opened  # the last upstream's own non-2xx answer, relayed as it is
-    raise last.error
+    assert last_error is not None  # a route has at least one upstream (config check)
+    if last_opened is not None:
+        return last_opened  # the last upstream's own non-2xx answer, relayed as it is
+    try:
+        raise last_error
+    finally:
+        del last_error  # (the same cycle: the error's traceback holds this frame)
 
 
 async def _attempt(client: UpstreamClient, request: UpstreamRequest, is_last: bool) -> Opened:

@@ -4,6 +4,7 @@ the upstream's read callback, and a full client buffer pauses the upstream's rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -13,6 +14,7 @@ from aiohttp.http_writer import StreamWriter
 
 from gateway import h1
 from gateway.accounting import StreamMeter
+from gateway.exchange import Exchange
 from gateway.fastpath import Tap
 from tests.core.conftest import settings_for
 from tests.support.fake_upstream import FakeUpstream, Script
@@ -65,18 +67,33 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_ev
     assert pauses > 0
 
 
-async def test_a_finished_stream_leaves_nothing_for_the_garbage_collector(
-    upstream: FakeUpstream,
+DONE = b"data: [DONE]\n\n"
+#: how a request ends: what the upstream does, and how long the client reads (None: to the end)
+ENDINGS = {
+    "completed": (Script([EVENT] * 5 + [DONE], pause_s=0.002), None),
+    "upstream_breaks_off": (Script([EVENT] * 5, pause_s=0.002, then="abort"), None),
+    "client_leaves": (Script([EVENT] * 5, pause_s=0.002, then="hang"), 0.05),
+    "upstream_answers_500": (
+        Script([b'{"error": {"message": "down"}}'], status=500, content_type="application/json"),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
+    upstream: FakeUpstream, ending: str
 ) -> None:
-    """Once a stream ends, its tap, meter and upstream answer are freed by reference
-    counting: only the garbage collector could free a reference cycle among them, and a
-    collection stops every stream in flight."""
-    pieces = [EVENT] * 5 + [b"data: [DONE]\n\n"]
-    streams = 3
-    upstream.scripts.extend(Script(pieces, pause_s=0.002) for _ in range(streams + 1))
+    """However a request ends, its tap, meter, exchange and upstream answer are freed by
+    reference counting: only the garbage collector could free a reference cycle among them
+    (an exception's traceback holds the frames it went through), and a collection stops
+    every stream in flight."""
+    script, read_for_s = ENDINGS[ending]
+    requests = 3
+    upstream.scripts.extend([Script([EVENT, DONE])] + [script] * requests)
 
     def alive() -> int:
-        kinds = (Tap, h1.Response, StreamMeter)
+        kinds = (Tap, h1.Response, StreamMeter, Exchange)
         return sum(isinstance(o, kinds) for o in gc.get_objects())
 
     async with running_gateway(settings_for(upstream.base_url)) as gw:
@@ -85,10 +102,14 @@ async def test_a_finished_stream_leaves_nothing_for_the_garbage_collector(
         gc.disable()
         try:
             before = alive()
-            for _ in range(streams):
-                raw = await _exchange(gw.url, pause_s=0)
-                assert _dechunk(raw.partition(b"\r\n\r\n")[2]) == b"".join(pieces)
-            await asyncio.sleep(0.05)  # the meter's batch and the request's end have run
+            for _ in range(requests):
+                if read_for_s is None:
+                    assert (await _exchange(gw.url, pause_s=0)).startswith(b"HTTP/1.1 ")
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(read_for_s):
+                            await _exchange(gw.url, pause_s=0)
+            await asyncio.sleep(0.1)  # the meter's batch, the requests' ends have run
             assert alive() == before
         finally:
             gc.enable()
