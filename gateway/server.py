@@ -133,13 +133,13 @@ def settle_heap() -> None:
     every stream in flight: about 150 ms at 5,000 streams. At Python's default thresholds the
     bench's slow-stream ramp had seven of them, 630 ms in all, and a young collection every
     two requests or so. The gateway's requests leave no reference cycles, completed or ended
-    by an error (tests/core/test_fast_path.py holds them to that), so the collector finds next
-    to nothing: what startup built (modules,
-    configuration, tokenizers, the app) is frozen, never scanned again, and collections
-    wait for 50,000 new objects instead of 700 (a count that only grows while streams are
-    being opened: objects freed by reference counting take theirs back), a middle one for
-    20 young ones and a full one for 100 middle ones. The price: garbage that only the
-    collector frees (a cycle on a path no test covers) waits longer for it.
+    by an error (tests/core/test_fast_path.py holds them to that), so the collector finds
+    next to nothing. What startup built (modules, configuration, tokenizers, the app) is
+    frozen, never scanned again. Young collections wait for 50,000 new objects instead of
+    700 (a count that only grows while streams are being opened: objects freed by reference
+    counting take theirs back), middle ones for 20 young ones, full ones for 100 middle
+    ones. The price: garbage that only the collector frees (a cycle on a path no test
+    covers) waits longer for it.
     """
     gc.collect()
     gc.freeze()
