@@ -42,6 +42,7 @@ from .errors import (
     ModelNotFound,
     RequestTooLarge,
     ServiceUnavailable,
+    drop_tracebacks,
     error_response,
 )
 from .limits import InflightGate, create_limiter
@@ -230,6 +231,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             authenticate(request, ctx)
         return await handler(request)
     except GatewayError as error:
+        drop_tracebacks(error)  # raised from a frame that held it: no cycle left behind
         return _error(ctx, error)
     except web.HTTPException as exc:
         return _error(ctx, _from_http_exception(exc))

@@ -92,6 +92,23 @@ class UpstreamTimeout(GatewayError):
     status, type, code, reason = 504, "timeout_error", "upstream_timeout", "timeout"
 
 
+def drop_tracebacks(exc: BaseException) -> None:
+    """`exc` is handled (turned into an answer or a result): let go of the frames its chain
+    holds.
+
+    A traceback holds the frames the exception went through; when one of them also holds the
+    exception (a local it was raised from, an answer that keeps its error), that is a
+    reference cycle only the garbage collector could break, and it keeps the request's
+    objects with it.
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+
+
 def error_response(error: GatewayError) -> web.Response:
     return web.Response(
         status=error.status,

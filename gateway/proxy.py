@@ -438,10 +438,7 @@ async def _upstream_refused(
             _failed_after_comments(exchange, error)
             await resp.write(sse_error_event(error))
             return resp
-        try:
-            raise error
-        finally:
-            del error  # its traceback holds this frame: no reference cycle back to it
+        raise error
     exchange.ctx.status = status
     exchange.ctx.end = "upstream_error"
     if resp is not None:

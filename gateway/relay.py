@@ -27,7 +27,14 @@ from typing import Literal, Protocol
 from aiohttp import web
 
 from . import h1
-from .errors import GatewayError, RateLimitExceeded, UpstreamError, UpstreamTimeout, sse_error_event
+from .errors import (
+    GatewayError,
+    RateLimitExceeded,
+    UpstreamError,
+    UpstreamTimeout,
+    drop_tracebacks,
+    sse_error_event,
+)
 from .fastpath import TapEnd, tap
 from .sse import ServerSentEvent, SSEDecoder, ends_frame
 
@@ -93,10 +100,10 @@ async def pump(
     try:
         await _loop(resp, content, first, plan)
     except ClientGone as gone:
-        _drop_tracebacks(gone)
+        drop_tracebacks(gone)
         return RelayResult("client_disconnect")
     except _Ended as ended:
-        _drop_tracebacks(ended)
+        drop_tracebacks(ended)
         if plan.sse:
             # an event cut in half would swallow the error event: close it off first
             event = sse_error_event(ended.error)
@@ -158,21 +165,6 @@ async def _loop(
         if ended.at_boundary is None:
             ended.at_boundary = frames is not None or ends_frame(sent)
         raise
-
-
-def _drop_tracebacks(exc: BaseException) -> None:
-    """The relay turned `exc` into its result: let go of the frames its chain holds.
-
-    The upstream's error also stays on its answer (`h1.Response`), and a traceback holds the
-    frames it went through, which hold that answer, the tap and the meter: a reference cycle
-    that only the garbage collector could break, for every stream an upstream broke off.
-    """
-    chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in chain:
-        chain.append(link)
-        link.__traceback__ = None
-        link = link.__cause__ or link.__context__
 
 
 def _raise_unless_eof(end: TapEnd, last: bytes) -> None:

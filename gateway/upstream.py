@@ -199,10 +199,7 @@ async def open_on_route(
     assert last_error is not None  # a route has at least one upstream (config check)
     if last_opened is not None:
         return last_opened  # the last upstream's own non-2xx answer, relayed as it is
-    try:
-        raise last_error
-    finally:
-        del last_error  # (the same cycle: the error's traceback holds this frame)
+    raise last_error  # (its traceback, dropped where it is answered: app.errors)
 
 
 async def _attempt(client: UpstreamClient, request: UpstreamRequest, is_last: bool) -> Opened:
