@@ -30,6 +30,8 @@ class Usage:
     rss_bytes: int
     at: float
     cpu_s_by_pid: tuple[tuple[int, float], ...] = ()
+    #: the user-space part of `cpu_s`: the rest is the kernel's work for the process
+    user_s: float = 0.0
 
     def cores_since(self, earlier: Usage) -> float:
         """Average number of cores busy between two readings."""
@@ -76,14 +78,17 @@ def tree(roots: Iterable[int]) -> list[int]:
 def usage(pids: Iterable[int]) -> Usage:
     """CPU and RSS summed over `pids` (processes that have gone count nothing)."""
     by_pid: list[tuple[int, float]] = []
-    rss_pages = 0
+    rss_pages = user_ticks = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
             by_pid.append((pid, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
+            user_ticks += int(fields[11])
             rss_pages += int(fields[21])
     cpu_s = sum(cpu for _, cpu in by_pid)
-    return Usage(cpu_s, rss_pages * PAGE_BYTES, time.monotonic(), tuple(by_pid))
+    return Usage(
+        cpu_s, rss_pages * PAGE_BYTES, time.monotonic(), tuple(by_pid), user_ticks / CLOCK_TICKS
+    )
 
 
 def cpu_busy_s(cpus: Iterable[int]) -> float:

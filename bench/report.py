@@ -145,6 +145,7 @@ PACED = _cols("""
     events/s=events_per_s
     cpu_us/event=proxy_cpu_us_per_event
     min-max=cpu_us_per_event_range
+    user_us=proxy_user_us_per_event
     x nginx=ratio_to_nginx
     rounds=rounds
     proxy_cores=proxy_cpu_cores

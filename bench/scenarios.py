@@ -53,6 +53,8 @@ class PacedRow(msgspec.Struct, kw_only=True):
     round: int = 1
     rounds: int = 1
     cpu_us_per_event_range: tuple[float, float] | None = None
+    #: the user-space part of `proxy_cpu_us_per_event` (the rest is the kernel's TCP work)
+    proxy_user_us_per_event: float | None = None
 
 
 class CapacityRow(msgspec.Struct, kw_only=True):
@@ -141,6 +143,10 @@ class Measured:
     def cpu_s(self, which: dict[str, procs.Usage]) -> float:
         """CPU seconds spent over the window."""
         return which["window_end"].cpu_s - which["window_start"].cpu_s
+
+    def user_s(self, which: dict[str, procs.Usage]) -> float:
+        """The user-space part of `cpu_s`."""
+        return which["window_end"].user_s - which["window_start"].user_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +293,9 @@ def _paced_once(
         events_per_s=round(events_per_s, 1),
         proxy_cpu_us_per_event=_round(m.cpu_s(m.proxy) / events_seen * 1e6) if has_proxy else None,
         proxy_cpu_cores=_round(proxy_cores) if has_proxy else None,
+        proxy_user_us_per_event=_round(m.user_s(m.proxy) / events_seen * 1e6)
+        if has_proxy
+        else None,
         load_cpu_cores=_round(m.cores(m.load)),
         streams_exact=m.result.streams_exact,
         errors=m.result.errors,
