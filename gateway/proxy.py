@@ -31,6 +31,7 @@ from .errors import (
     RequestTooLarge,
     ServiceUnavailable,
     UpstreamError,
+    drop_tracebacks,
     sse_error_event,
 )
 from .exchange import Exchange
@@ -321,7 +322,11 @@ async def _serve_with_keepalive(
 
 
 def _failed_after_comments(exchange: Exchange, error: GatewayError) -> None:
-    """The log line of a stream that failed after keep-alive comments (the 200 is sent)."""
+    """The log line of a stream that failed after keep-alive comments (the 200 is sent).
+
+    The error ends here, as an SSE event, not in the `errors` middleware: its tracebacks go
+    here too (see `drop_tracebacks`)."""
+    drop_tracebacks(error)
     exchange.ctx.error_code = error.code
     exchange.ctx.end = "upstream_error" if error.reason is not None else "rejected"
 

@@ -8,12 +8,14 @@ import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Iterable
 
+import msgspec
 import orjson
 import pytest
 from aiohttp.http_writer import StreamWriter
 
 from gateway import h1
 from gateway.accounting import StreamMeter
+from gateway.config import Settings
 from gateway.exchange import Exchange
 from gateway.fastpath import Tap
 from tests.core.conftest import settings_for
@@ -77,7 +79,18 @@ ENDINGS = {
         Script([b'{"error": {"message": "down"}}'], status=500, content_type="application/json"),
         None,
     ),
+    # keep-alive comments went out, then the upstream's silence ends the stream with an error
+    "upstream_silent_after_comments": (Script([EVENT], headers_delay_s=0.4), None),
 }
+
+
+def _settings_for_ending(ending: str, base_url: str) -> Settings:
+    settings = settings_for(base_url)
+    if ending != "upstream_silent_after_comments":
+        return settings
+    up = msgspec.structs.replace(settings.upstreams["up0"], read_idle_timeout_s=0.1)
+    route = msgspec.structs.replace(settings.routes[0], keepalive_comment_s=0.02)
+    return msgspec.structs.replace(settings, upstreams={"up0": up}, routes=(route,))
 
 
 @pytest.mark.parametrize("ending", list(ENDINGS))
@@ -96,7 +109,7 @@ async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
         kinds = (Tap, h1.Response, StreamMeter, Exchange)
         return sum(isinstance(o, kinds) for o in gc.get_objects())
 
-    async with running_gateway(settings_for(upstream.base_url)) as gw:
+    async with running_gateway(_settings_for_ending(ending, upstream.base_url)) as gw:
         await _exchange(gw.url, pause_s=0)  # what the first request sets up for good
         gc.collect()
         gc.disable()
