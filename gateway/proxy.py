@@ -16,6 +16,7 @@ import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -240,10 +241,10 @@ async def _serve(
     )
     parsed.release()
     clients = [comp.upstreams[name] for name in route.upstreams]
-    on_error = _on_upstream_error(exchange)
     if parsed.stream and route.keepalive_comment_s:
         return await _serve_with_keepalive(request, exchange, clients, upstream_request, route)
-    opened = await open_on_route(clients, upstream_request, on_error)
+    # (no local for the callback: this frame lasts as long as the stream)
+    opened = await open_on_route(clients, upstream_request, _on_upstream_error(exchange))
     try:
         return await _answer(request, exchange, opened, None, parsed.tail)
     finally:
@@ -350,7 +351,7 @@ async def _answer(
     opened.response.forget_headers()  # all read: the client's copy went out with its head
     plan.client_transport = request.transport
     if plan.sse and tail in COMPLETION_ENDPOINTS:
-        plan.end_check = lambda: _cut_short(exchange)
+        plan.end_check = partial(_cut_short, exchange)
     try:
         result: RelayResult = await pump(resp, opened.response, opened.first_chunk, plan)
     except asyncio.CancelledError:

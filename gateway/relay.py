@@ -140,6 +140,7 @@ async def _loop(
                 # the rest of the stream through the fast path (see gateway.fastpath)
                 tapped_fast, buffered = tapped
                 tapped_fast.observe(feed, gap, over)
+                del write  # the tap writes from here on; this frame lasts as long as the stream
                 try:
                     for piece in buffered:
                         tapped_fast.deliver(piece)
