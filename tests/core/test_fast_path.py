@@ -23,13 +23,14 @@ from tests.support.fake_upstream import FakeUpstream, Script
 from tests.support.gateway import running_gateway
 
 EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+DONE = b"data: [DONE]\n\n"
 BODY = {"model": "test-1", "stream": True, "messages": []}
 
 
 async def test_paced_events_are_relayed_without_a_read_call_per_event(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pieces = [EVENT] * 40 + [b"data: [DONE]\n\n"]
+    pieces = [EVENT] * 40 + [DONE]
     upstream.scripts.append(Script(pieces, pause_s=0.002))
     reads = 0
     read_any: Callable[[h1.Response], Awaitable[bytes]] = h1.Response.read_any
@@ -50,7 +51,7 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_ev
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 32_000 + b'"}}]}\n\n'
-    pieces = [big] * 256 + [b"data: [DONE]\n\n"]  # 8 MiB: more than the socket buffers hold
+    pieces = [big] * 256 + [DONE]  # 8 MiB: more than the socket buffers hold
     upstream.scripts.append(Script(pieces))
     pauses = 0
     pause_reading = h1.Response.pause_reading
@@ -69,7 +70,6 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_ev
     assert pauses > 0
 
 
-DONE = b"data: [DONE]\n\n"
 #: how a request ends: what the upstream does, and how long the client reads (None: to the end)
 ENDINGS = {
     "completed": (Script([EVENT] * 5 + [DONE], pause_s=0.002), None),
@@ -131,7 +131,7 @@ async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
 async def test_the_head_goes_out_with_the_first_event_in_one_write(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pieces = [EVENT, b"data: [DONE]\n\n"]
+    pieces = [EVENT, DONE]
     upstream.scripts.append(Script(pieces, pause_s=0.01))
     writes: list[bytes] = []
     write, writelines = StreamWriter._write, StreamWriter._writelines
