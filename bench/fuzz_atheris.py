@@ -30,7 +30,7 @@ TARGETS = ("sse", "request")
 
 def sse_target(data: bytes) -> None:
     """Split `data` at the cut points its first bytes choose; decode and meter the rest."""
-    from gateway.accounting import StreamMeter
+    from gateway.meter import StreamMeter
     from gateway.sse import SSEDecoder
     from gateway.tokens import load_tokenizer
 
@@ -52,7 +52,7 @@ def sse_target(data: bytes) -> None:
 def request_target(data: bytes) -> None:
     """The first byte picks `required`; the rest is a body, and (decoded) a path tail."""
     from gateway.errors import BadRequest
-    from gateway.proxy import check_tail, parse_json
+    from gateway.request_parse import check_tail, parse_json
 
     required, body = bool(data[:1]) and data[0] & 1 == 1, data[1:]
     try:
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     except ImportError:
         raise SystemExit("atheris is not installed: pip install atheris") from None
     with atheris.instrument_imports():
-        import gateway.accounting
+        import gateway.meter
         import gateway.proxy
         import gateway.sse  # noqa: F401 (instrumented for coverage)
     target: Callable[[bytes], None] = sse_target if argv[1] == "sse" else request_target

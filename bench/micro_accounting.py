@@ -22,7 +22,7 @@ if not __package__:  # run as a script: make the repository importable
 
 import orjson
 
-from gateway.accounting import StreamMeter
+from gateway.meter import StreamMeter
 from gateway.sse import SSEDecoder
 from gateway.tokens import TOKENIZER_NAMES, Tokenizer, load_tokenizer
 

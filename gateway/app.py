@@ -3,7 +3,8 @@
 A request's route through the middlewares, in the order they run:
 
     1. request_context  request id (x-request-id), contextvars, RequestContext; in `finally`
-                        the request's metrics and its one canonical log line
+                        how the request ended (gateway.outcome, decided once), its metrics
+                        and its one canonical log line
     2. errors           GatewayError and aiohttp's HTTP errors -> OpenAI-shaped JSON; inside
                         it, for every path but PUBLIC_PATHS (the explicit allow-list):
                         a. refuse_while_draining: after SIGTERM, 503 for new requests
@@ -32,8 +33,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from .app_state import COMPONENTS, CTX, TEAM, Components
 from .auth import Authenticator
-from .components import COMPONENTS, CTX, TEAM, Components
 from .config import Settings, Upstream
 from .context import RequestContext
 from .errors import (
@@ -47,14 +48,13 @@ from .errors import (
 )
 from .limits import InflightGate, create_limiter
 from .metrics import GatewayMetrics
+from .outcome import conclude
 from .proxy import handle
 from .routing import Router
 from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient, create_client
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-#: the status logged and counted when the client left before a response began (nginx's 499)
-CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -183,13 +183,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = _close_if_body_unread(request, await handler(request))
         finally:
             lifecycle.untrack(task)
-        ctx.status = ctx.status or response.status
+        ctx.sent_status = ctx.sent_status or response.status
         return response
     except asyncio.CancelledError:
-        # the client left (aiohttp cancels its handler), or the drain cut the request
-        if ctx.end == "completed":
-            ctx.end = "client_disconnect"
-        ctx.status = ctx.status or CLIENT_CLOSED_REQUEST
+        ctx.client_left = True  # aiohttp cancels the handler of a client that left
         raise
     finally:
         _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
@@ -216,9 +213,16 @@ def _new_request_id() -> str:
 
 
 def _account(request: web.Request, ctx: RequestContext, duration_ms: float) -> None:
+    """How the request ended, decided once (gateway.outcome), into its metrics and log line."""
+    ending = conclude(ctx)
     comp = request.app.get(COMPONENTS)
     if comp is not None:
-        comp.metrics.requests.labels(ctx.team, ctx.model, ctx.upstream, str(ctx.status)).inc()
+        metrics = comp.metrics
+        metrics.requests.labels(ctx.team, ctx.model, ctx.upstream, str(ending.status)).inc()
+        if ending.end == "client_disconnect":
+            # whether or not its answer had begun: clients giving up on a slow first token
+            # are the disconnects an operator most needs to see
+            metrics.client_disconnects.labels(ctx.team, ctx.model).inc()
     log.info("request", method=request.method, path=request.path, **ctx.log_fields(duration_ms))
 
 
@@ -243,10 +247,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _error(ctx: RequestContext, error: GatewayError) -> web.Response:
-    ctx.status = error.status
-    ctx.error_code = error.code
-    if ctx.end == "completed":
-        ctx.end = "upstream_error" if error.reason is not None else "rejected"
+    ctx.error = error
     return error_response(error)
 
 
@@ -255,9 +256,7 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
         return RequestTooLarge("The request body is too large.")
     if exc.status == 404:
         return ModelNotFound(f"Unknown path: {exc.reason}", code="not_found")
-    error = BadRequest(exc.reason or "Bad request", code=f"http_{exc.status}")
-    error.status = exc.status
-    return error
+    return BadRequest(exc.reason or "Bad request", code=f"http_{exc.status}", status=exc.status)
 
 
 def refuse_while_draining(request: web.Request) -> None:

@@ -1,15 +1,23 @@
 """What the gateway learns about one request, filled in as it crosses the data path.
 
-The first middleware creates it; handlers and the relay fill it in; the same middleware turns
-it into the request's metrics and its one canonical log line, in `finally`.
+The first middleware creates it. Modules on the way report *facts* on it (the error the client
+was told about, the status of the answer that went out, the client leaving, the upstream's own
+refusal) and what they counted; none of them decides how the request ended. In `finally`, the
+same middleware has `gateway.outcome` decide that once, then records the request's metrics and
+its one canonical log line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-End = Literal["completed", "client_disconnect", "upstream_error", "limit", "rejected"]
+if TYPE_CHECKING:
+    from .errors import GatewayError
+
+End = Literal[
+    "completed", "client_disconnect", "upstream_error", "upstream_refused", "limit", "rejected"
+]
 
 
 @dataclass(slots=True)
@@ -17,9 +25,8 @@ class RequestContext:
     request_id: str
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() is in whole ms)
     team: str = "anonymous"
-    model: str = "other"  # the bounded metric label, see routing.Router.model_label
+    model: str = "other"  # the bounded metric label, see routing.RouteMatch.label
     upstream: str = "none"
-    status: int = 0
     stream: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -27,10 +34,25 @@ class RequestContext:
     usage_source: Literal["upstream", "estimate"] = "estimate"
     ttft_ms: float | None = None
     chunks: int = 0
-    finish_reason: str | None = None
+
+    # -- facts, reported by the modules that saw them ------------------------------------------
+    #: the error the client was told about: a JSON answer, or the SSE event that ended a stream
+    error: GatewayError | None = None
+    #: the status of the answer whose head went out (0: none did)
+    sent_status: int = 0
+    #: the client went away before its answer ended (or began)
+    client_left: bool = False
+    #: the upstream's own non-2xx answer was passed on: its OpenAI error code, if it named one
+    upstream_refused: bool = False
+    upstream_code: str | None = None
+    #: the finish reason the meter read from the stream (None: none, or nothing metered)
+    metered_finish: str | None = None
+
+    # -- the outcome: written by `outcome.conclude` only ----------------------------------------
+    status: int = 0
     end: End = "completed"
     error_code: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    finish_reason: str | None = None
 
     def log_fields(self, duration_ms: float) -> dict[str, object]:
         return {
@@ -50,5 +72,4 @@ class RequestContext:
             "finish_reason": self.finish_reason,
             "end": self.end,
             "error_code": self.error_code,
-            **self.extra,
         }

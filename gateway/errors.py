@@ -39,6 +39,7 @@ class GatewayError(Exception):
         headers: Mapping[str, str] | None = None,
         code: str | None = None,
         reason: str | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -48,6 +49,8 @@ class GatewayError(Exception):
             self.code = code
         if reason is not None:
             self.reason = reason
+        if status is not None:
+            self.status = status
 
     def body(self) -> dict[str, object]:
         return {

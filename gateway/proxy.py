@@ -1,75 +1,59 @@
 """One proxied `/v1/*` request: parse, route, admit, open upstream, relay, settle.
 
-    read body (413) -> parse JSON (400) -> route by model (404) -> inflight gate (503)
-      -> team limits (429) -> upstreams in order, failover before the first byte (502/503/504)
-      -> relay bytes as they arrive, accounting on a parsed copy -> settle tokens and limits
+    request_parse   path, body and JSON (400, 408, 413)
+      -> routing    the model's route (404)
+      -> admission  the max_inflight gate (503), the team's limits (429)
+      -> upstream   the route's upstreams in order, failover before the first byte (502/503/504)
+      -> client_response, relay   bytes as they arrive; the ledger meters a parsed copy
+      -> ledger.settle            the final tally, the limiter's unused reservation
 
-Everything learnt on the way goes into the request's `RequestContext`, which the first
-middleware turns into metrics and the canonical log line.
+Modules report what happened on the request's `RequestContext` (the error the client was told
+about, the client leaving, the upstream's refusal); `gateway.outcome` decides how the request
+ended from that, once, in the first middleware.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from aiohttp import StreamReader, web
+from aiohttp import web
 from multidict import CIMultiDict
 
-from .components import COMPONENTS, CTX, TEAM, Components
-from .config import Route, Team
+from .admission import admit, enter_gate, leave_gate
+from .app_state import COMPONENTS, CTX, TEAM, Components
+from .client_response import prepare_stream
+from .config import Route
+from .context import RequestContext
 from .errors import (
     BadRequest,
     GatewayError,
     ModelNotFound,
-    RequestTooLarge,
     ServiceUnavailable,
     UpstreamError,
     drop_tracebacks,
     sse_error_event,
 )
-from .exchange import Exchange
+from .ledger import Ledger
 from .relay import RelayResult, pump
+from .request_parse import MODEL_ENDPOINTS, ParsedRequest, parse_request
 from .routing import RouteMatch
 from .upstream import (
     OnUpstreamError,
     Opened,
+    UpstreamClient,
     UpstreamRequest,
     open_on_route,
     read_error_body,
     response_headers,
 )
 
-#: endpoints whose body must be a JSON object naming a model
-MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-#: streams that end with `finish_reason` or `[DONE]`: one that ends with neither was cut short
-COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
 #: how long a stream cut by the drain gets to write its last event
 CUT_WRITE_S = 1.0
-#: a `.` or `..` path segment, or a control character
-_UNSAFE_TAIL = re.compile(r"(?:^|/)\.\.?(?:/|$)|[\x00-\x1f\x7f]")
-
-
-@dataclass(slots=True)
-class ParsedRequest:
-    tail: str
-    body: bytes
-    doc: dict[str, Any] | None
-    model: str | None
-    stream: bool
-
-    def release(self) -> None:
-        """Drop the body and its parse once the upstream request is built: a stream that
-        lasts minutes holds no copy of its prompt."""
-        self.body, self.doc = b"", None
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -80,136 +64,24 @@ async def handle(request: web.Request) -> web.StreamResponse:
         parsed = await parse_request(request, comp.settings.max_request_bytes, comp.timeouts.body_s)
         match = resolve(comp, parsed)
         ctx.model, ctx.stream = match.label, parsed.stream
-        gate = await comp.enter_gate(ctx)
+        gate = await enter_gate(comp, ctx)
         try:
-            team: Team | None = request.get(TEAM)
-            exchange = await Exchange.admit(comp, ctx, team, match, parsed.doc, parsed.body)
+            admitted = await admit(comp, ctx, request.get(TEAM), match, parsed.doc, parsed.body)
+            ledger = Ledger(comp, ctx, match, admitted)
             try:
-                return await _serve(request, comp, exchange, match.route, parsed)
-            except asyncio.CancelledError:  # the client went away (handler cancellation)
-                ctx.end = "client_disconnect"
+                return await _serve(request, ledger, parsed)
+            except asyncio.CancelledError:
+                ctx.client_left = not comp.lifecycle.was_cut()
                 raise
             finally:
-                await exchange.settle()
+                await ledger.settle()
         finally:
-            await comp.leave_gate(gate)
+            await leave_gate(comp, gate)
     except asyncio.CancelledError:
         if not comp.lifecycle.was_cut():
             raise
         _uncancel()  # the drain's grace ran out before any byte went out: answer 503
-        ctx.end = "rejected"
         raise _shutdown_error() from None
-
-
-async def parse_request(
-    request: web.Request, max_bytes: int, timeout_s: float | None = None
-) -> ParsedRequest:
-    tail = check_tail(request.match_info.get("tail", ""))
-    body = await read_body(request, max_bytes, timeout_s)
-    doc = parse_json(body, required=tail in MODEL_ENDPOINTS and request.method == "POST")
-    model = doc.get("model") if doc is not None else None
-    if doc is not None and tail in MODEL_ENDPOINTS and not isinstance(model, str):
-        raise BadRequest("You must provide a model parameter.", param="model")
-    stream = doc is not None and doc.get("stream") is True
-    return ParsedRequest(tail, body, doc, model if isinstance(model, str) else None, stream)
-
-
-def check_tail(tail: str) -> str:
-    """The path after `/v1/`, refused (400) when it could leave the upstream's base path.
-
-    `tail` is already percent-decoded: `%2e%2e` is `..` here. Dot segments would climb out of
-    the base URL's path once the upstream normalises them, and control characters have no
-    business in a path; everything else is percent-encoded again by `UpstreamClient.target_for`.
-    """
-    if _UNSAFE_TAIL.search(tail):
-        raise BadRequest(f"Invalid path: /v1/{tail!r}", code="invalid_path")
-    return tail
-
-
-async def read_body(request: web.Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
-    """The whole body, at most max_bytes (413), within timeout_s (408: a slowloris body).
-
-    An answer to a body left unread or unreadable closes the connection (app.py,
-    `_close_if_body_unread`): it cannot carry another request."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise _too_large(max_bytes)
-    body = bytearray()
-    content = request.content
-    try:
-        while piece := content.read_nowait():  # what has arrived already needs no timer
-            _append(body, piece, max_bytes)
-        if not content.at_eof():
-            async with asyncio.timeout(timeout_s):
-                while piece := await content.readany():
-                    _append(body, piece, max_bytes)
-    except TimeoutError:
-        error = BadRequest(
-            f"The request body did not arrive within {timeout_s} s.",
-            code="request_timeout",
-        )
-        error.status = 408
-        raise error from None
-    except web.RequestPayloadError:  # a body that does not match its Content-Encoding
-        encoding = request.headers.get("Content-Encoding", "identity")
-        raise BadRequest(
-            f"The request body could not be decoded (Content-Encoding: {encoding!r}).",
-            code="invalid_request_body",
-        ) from None
-    park_buffer(content)  # read to its end: its buffer is not needed for the stream's life
-    return bytes(body)
-
-
-class _Parked(collections.deque[bytes]):
-    """An empty buffer shared by every request body read to its end: growing it is a bug."""
-
-    __slots__ = ()
-
-    def append(self, item: bytes) -> None:
-        raise RuntimeError("a parked reader buffer cannot take data")
-
-    appendleft = append
-
-
-PARKED = _Parked()
-
-
-def park_buffer(reader: StreamReader) -> None:
-    """Free the empty buffers of a request body read to its end: a stream that lasts minutes
-    keeps its request object, and these deques are about 1.5 KB of it.
-
-    Other readers (aiohttp's shared `EMPTY_PAYLOAD` for a body-less request) are left alone.
-    """
-    if type(reader) is StreamReader and not reader._buffer:
-        reader._buffer = PARKED
-        reader._http_chunk_splits = None
-
-
-def _append(body: bytearray, piece: bytes, max_bytes: int) -> None:
-    body += piece
-    if len(body) > max_bytes:
-        raise _too_large(max_bytes)
-
-
-def _too_large(max_bytes: int) -> RequestTooLarge:
-    return RequestTooLarge(f"The request body is larger than the limit of {max_bytes} bytes.")
-
-
-def parse_json(body: bytes, *, required: bool) -> dict[str, Any] | None:
-    if not body:
-        if required:
-            raise BadRequest("The request body is empty; send a JSON object.")
-        return None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if not required:
-            return None
-        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
-    if not isinstance(doc, dict):
-        if required:
-            raise BadRequest("The request body must be a JSON object.")
-        return None
-    return doc
 
 
 def resolve(comp: Components, parsed: ParsedRequest) -> RouteMatch:
@@ -227,26 +99,25 @@ def resolve(comp: Components, parsed: ParsedRequest) -> RouteMatch:
     return RouteMatch(first, "other")
 
 
-async def _serve(
-    request: web.Request, comp: Components, exchange: Exchange, route: Route, parsed: ParsedRequest
-) -> web.StreamResponse:
+async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) -> web.StreamResponse:
+    comp, ctx, route = ledger.comp, ledger.ctx, ledger.match.route
     upstream_request = UpstreamRequest(
         method=request.method,
         tail=parsed.tail,
         query=request.rel_url.raw_query_string,
         body=parsed.body,
         headers=_forwarded_headers(request, parsed),
-        request_id=exchange.ctx.request_id,
-        injected_body=exchange.injected_body(parsed.doc),
+        request_id=ctx.request_id,
+        injected_body=_injected_body(comp, route, parsed.doc),
     )
     parsed.release()
     clients = [comp.upstreams[name] for name in route.upstreams]
     if parsed.stream and route.keepalive_comment_s:
-        return await _serve_with_keepalive(request, exchange, clients, upstream_request, route)
+        return await _serve_with_keepalive(request, ledger, clients, upstream_request)
     # (no local for the callback: this frame lasts as long as the stream)
-    opened = await open_on_route(clients, upstream_request, _on_upstream_error(exchange))
+    opened = await open_on_route(clients, upstream_request, _on_upstream_error(comp, ctx))
     try:
-        return await _answer(request, exchange, opened, None, parsed.tail)
+        return await _answer(request, ledger, opened, None, upstream_request)
     finally:
         opened.close()
 
@@ -261,48 +132,65 @@ def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[s
     return headers
 
 
-def _on_upstream_error(exchange: Exchange) -> OnUpstreamError:
+def _injected_body(comp: Components, route: Route, doc: dict[str, Any] | None) -> bytes | None:
+    """With `usage: inject`, the body asking upstream for include_usage (None if not needed)."""
+    if doc is None or doc.get("stream") is not True:
+        return None
+    options = doc.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return None
+    if not any(comp.upstreams[name].settings.usage == "inject" for name in route.upstreams):
+        return None
+    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return orjson.dumps({**doc, "stream_options": merged})
+
+
+def _on_upstream_error(comp: Components, ctx: RequestContext) -> OnUpstreamError:
     """Count a failed attempt, and name that upstream in the request's labels meanwhile (the
     one that answers in the end replaces it): a 502 says which upstream failed."""
 
     def on_error(upstream: str, reason: str) -> None:
-        exchange.ctx.upstream = upstream
-        exchange.on_upstream_error(upstream, reason)
+        ctx.upstream = upstream
+        comp.metrics.upstream_errors.labels(upstream, reason).inc()
 
     return on_error
 
 
 async def _serve_with_keepalive(
     request: web.Request,
-    exchange: Exchange,
-    clients: list[Any],
+    ledger: Ledger,
+    clients: Sequence[UpstreamClient],
     upstream_request: UpstreamRequest,
-    route: Route,
 ) -> web.StreamResponse:
     """Send an SSE comment every keepalive_comment_s while the first upstream byte is awaited.
 
     Once the first comment went out, the client has bytes: there is no failover any more and
     a failure becomes an SSE error event.
     """
-    assert route.keepalive_comment_s is not None
+    comp, ctx = ledger.comp, ledger.ctx
+    every_s = ledger.match.route.keepalive_comment_s
     task = asyncio.ensure_future(
-        open_on_route(clients, upstream_request, _on_upstream_error(exchange))
+        open_on_route(clients, upstream_request, _on_upstream_error(comp, ctx))
     )
     resp: web.StreamResponse | None = None
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=route.keepalive_comment_s)
+            done, _ = await asyncio.wait({task}, timeout=every_s)
             if done:
                 break
             if resp is None:
-                resp = await exchange.prepare_stream(
-                    request, 200, {"Content-Type": "text/event-stream"}
+                resp = await prepare_stream(
+                    request,
+                    ctx,
+                    200,
+                    {"Content-Type": "text/event-stream"},
+                    ledger.admitted.limit_headers,
                 )
             await resp.write(KEEPALIVE_COMMENT)
     except asyncio.CancelledError:
         task.cancel()
-        if resp is not None and exchange.comp.lifecycle.was_cut():
-            return await _end_cut_stream(exchange, resp)
+        if resp is not None and comp.lifecycle.was_cut():
+            return await _end_cut_stream(ctx, resp)
         raise
     except BaseException:
         task.cancel()
@@ -313,102 +201,88 @@ async def _serve_with_keepalive(
         try:
             opened = task.result()
         except GatewayError as error:  # open_on_route counted it
-            _failed_after_comments(exchange, error)
-            await resp.write(sse_error_event(error))
+            await _fail_after_comments(ctx, resp, error)
             return resp
     try:
-        return await _answer(request, exchange, opened, resp, upstream_request.tail)
+        return await _answer(request, ledger, opened, resp, upstream_request)
     finally:
         opened.close()
 
 
-def _failed_after_comments(exchange: Exchange, error: GatewayError) -> None:
-    """The log line of a stream that failed after keep-alive comments (the 200 is sent).
+async def _fail_after_comments(
+    ctx: RequestContext, resp: web.StreamResponse, error: GatewayError
+) -> None:
+    """A stream that failed after keep-alive comments (the 200 is sent): the error goes out as
+    an SSE event.
 
-    The error ends here, as an SSE event, not in the `errors` middleware: its tracebacks go
-    here too (see `drop_tracebacks`)."""
+    The error ends here, not in the `errors` middleware: its tracebacks go here too (see
+    `drop_tracebacks`)."""
     drop_tracebacks(error)
-    exchange.ctx.error_code = error.code
-    exchange.ctx.end = "upstream_error" if error.reason is not None else "rejected"
+    ctx.error = error
+    await resp.write(sse_error_event(error))
 
 
 async def _answer(
     request: web.Request,
-    exchange: Exchange,
+    ledger: Ledger,
     opened: Opened,
     resp: web.StreamResponse | None,
-    tail: str,
+    upstream_request: UpstreamRequest,
 ) -> web.StreamResponse:
-    exchange.ctx.upstream = opened.upstream.name
+    comp, ctx = ledger.comp, ledger.ctx
+    ctx.upstream = opened.upstream.name
     status = opened.response.status
     if status >= 400:
-        return await _upstream_refused(exchange, opened, resp)
+        return await _upstream_refused(ledger, opened, resp)
     if resp is None:  # (no local for the headers: a stream that lasts minutes keeps its frame)
-        resp = await exchange.prepare_stream(
-            request, status, response_headers(opened.response.headers)
+        resp = await prepare_stream(
+            request,
+            ctx,
+            status,
+            response_headers(opened.response.headers),
+            ledger.admitted.limit_headers,
         )
-    plan = exchange.relay_plan(opened)
+    plan = ledger.plan(opened, request.transport, upstream_request.tail, upstream_request.injected)
     opened.response.forget_headers()  # all read: the client's copy went out with its head
-    plan.client_transport = request.transport
-    if plan.sse and tail in COMPLETION_ENDPOINTS:
-        plan.end_check = partial(_cut_short, exchange)
     try:
         result: RelayResult = await pump(resp, opened.response, opened.first_chunk, plan)
     except asyncio.CancelledError:
-        if not exchange.comp.lifecycle.was_cut():
+        if not comp.lifecycle.was_cut():
             raise
-        return await _end_cut_stream(exchange, resp)
-    exchange.finish(result)
+        return await _end_cut_stream(ctx, resp)
+    _report_relay(comp, ctx, result)
     if result.outcome == "completed":
-        _note_error_event(exchange)
+        if (event_error := ledger.upstream_error_event()) is not None:
+            _report_stream_error(comp, ctx, event_error)
         opened.release()
     # the final chunk terminator goes out after the middleware recorded the request's metrics
     # and log line: a client that has the whole answer can already see both
     return resp
 
 
-def _cut_short(exchange: Exchange) -> GatewayError | None:
-    """A completion stream that ended with no finish_reason, no [DONE] and no error event
-    was cut short: without a word, the client would take half an answer for a whole one.
-
-    A stream with a finish_reason but no [DONE] is whole (some upstreams never send it). With
-    accounting off for the route there is no parsed copy to tell, and nothing is added.
-    """
-    tally = exchange.stream_tally()  # idempotent: settle() takes the same tally
-    if tally is None or tally.saw_done or tally.finish_reasons or tally.upstream_error is not None:
-        return None
-    return UpstreamError(
-        "The upstream ended the stream before it was complete (no finish_reason, no [DONE]).",
-        code="upstream_truncated",
-        reason="truncated",
-    )
+def _report_relay(comp: Components, ctx: RequestContext, result: RelayResult) -> None:
+    if result.outcome == "client_disconnect":
+        ctx.client_left = True
+    if result.error is not None:
+        _report_stream_error(comp, ctx, result.error)
 
 
-def _note_error_event(exchange: Exchange) -> None:
-    """The upstream ended its stream with its own `data: {"error": ...}` event: relayed as it
-    is, and the request counts as an upstream error rather than a completed stream."""
-    tally = exchange.stream_tally()
-    error = tally.upstream_error if tally is not None else None
-    if error is not None:
-        code = error.get("code")
-        exchange.fail(
-            UpstreamError(
-                "The upstream ended the stream with an error event.",
-                code=code if isinstance(code, str) and code else "upstream_error_event",
-                reason="error_event",
-            )
-        )
+def _report_stream_error(comp: Components, ctx: RequestContext, error: GatewayError) -> None:
+    """An error after the client got its first bytes (it went out as an SSE event)."""
+    ctx.error = error
+    if error.reason is not None:
+        comp.metrics.upstream_errors.labels(ctx.upstream, error.reason).inc()
 
 
-async def _end_cut_stream(exchange: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+async def _end_cut_stream(ctx: RequestContext, resp: web.StreamResponse) -> web.StreamResponse:
     """The drain's grace ran out during this stream: an SSE error event tells the client (its
     SDK raises instead of keeping half an answer), then the response ends normally."""
     _uncancel()
-    exchange.ctx.end, exchange.ctx.error_code = "rejected", "gateway_shutdown"
-    if exchange.ctx.stream:
+    error = ctx.error = _shutdown_error()
+    if ctx.stream:
         with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
             async with asyncio.timeout(CUT_WRITE_S):
-                await resp.write(sse_error_event(_shutdown_error()))
+                await resp.write(sse_error_event(error))
                 await resp.write_eof()
     return resp
 
@@ -429,44 +303,44 @@ def _uncancel() -> None:
 
 
 async def _upstream_refused(
-    exchange: Exchange, opened: Opened, resp: web.StreamResponse | None
+    ledger: Ledger, opened: Opened, resp: web.StreamResponse | None
 ) -> web.StreamResponse:
     """The last upstream's non-2xx answer: 4xx relayed as it is, 5xx summarised as a 502."""
+    ctx = ledger.ctx
     body = await read_error_body(opened)
     status = opened.response.status
-    retry_after = opened.response.headers.get("Retry-After")
+    message, code = _upstream_error_fields(body)
     if status >= 500:
+        retry_after = opened.response.headers.get("Retry-After")
         error = UpstreamError(
-            f"The upstream answered {status}: {_upstream_message(body)}",
+            f"The upstream answered {status}: {message}",
             headers={"Retry-After": retry_after} if retry_after else None,
         )
-        if resp is not None:  # open_on_route counted it (status_5xx)
-            _failed_after_comments(exchange, error)
-            await resp.write(sse_error_event(error))
-            return resp
-        raise error
-    exchange.ctx.status = status
-    exchange.ctx.end = "upstream_error"
+        if resp is None:
+            raise error
+        await _fail_after_comments(ctx, resp, error)  # open_on_route counted it (status_5xx)
+        return resp
+    ctx.upstream_refused, ctx.upstream_code = True, code
     if resp is not None:
-        await resp.write(sse_error_event(_as_gateway_error(status, body)))
+        refusal = GatewayError(
+            f"The upstream answered {status}: {message}", status=status, code=code
+        )
+        await resp.write(sse_error_event(refusal))
         return resp
     headers = response_headers(opened.response.headers)
-    headers.update(exchange.limit_headers)
+    headers.update(ledger.admitted.limit_headers)
     return web.Response(status=status, body=body, headers=headers)
 
 
-def _upstream_message(body: bytes) -> str:
+def _upstream_error_fields(body: bytes) -> tuple[str, str | None]:
+    """The message and code of an upstream's OpenAI-shaped error body, as far as it has them."""
     try:
-        doc = orjson.loads(body)
-        message = doc["error"]["message"]
-        if isinstance(message, str):
-            return message[:500]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        pass
-    return "(no OpenAI-shaped error body)"
-
-
-def _as_gateway_error(status: int, body: bytes) -> GatewayError:
-    error = GatewayError(f"The upstream answered {status}: {_upstream_message(body)}")
-    error.status = status
-    return error
+        error = orjson.loads(body)["error"]
+        message, code = error.get("message"), error.get("code")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return "(no OpenAI-shaped error body)", None
+    if not isinstance(message, str):
+        message = "(no OpenAI-shaped error body)"
+    if isinstance(code, int) and not isinstance(code, bool):
+        code = str(code)
+    return message[:500], code if isinstance(code, str) and code else None

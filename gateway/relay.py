@@ -7,7 +7,7 @@ own upstream read through TCP backpressure and nothing queues in between; a clie
 nothing for `write_stall_s` is cut off.
 
 For a plain SSE stream (no `usage: inject` framing), everything after the first chunk goes
-through `gateway.fastpath`: each piece is written from inside the upstream's read callback,
+through `gateway.relay_tap`: each piece is written from inside the upstream's read callback,
 and a full client buffer pauses the upstream's reading instead of an awaited write; the
 stall timeout, the budget cut and the error events follow the same rules as the loop here,
 which stays for inject mode, non-SSE bodies and anything the fast path cannot take.
@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 
 from aiohttp import web
 
-from . import h1
+from . import upstream_http
 from .errors import (
     GatewayError,
     RateLimitExceeded,
@@ -35,7 +35,7 @@ from .errors import (
     drop_tracebacks,
     sse_error_event,
 )
-from .fastpath import TapEnd, tap
+from .relay_tap import TapEnd, tap
 from .sse import ServerSentEvent, SSEDecoder, ends_frame
 
 #: past this many bytes waiting in the client's socket buffer, a write may block: bound it
@@ -94,7 +94,7 @@ class _Ended(Exception):
 
 
 async def pump(
-    resp: web.StreamResponse, content: h1.Response, first: bytes, plan: RelayPlan
+    resp: web.StreamResponse, content: upstream_http.Response, first: bytes, plan: RelayPlan
 ) -> RelayResult:
     """Relay until the upstream body ends; turn every way it can end into a result."""
     try:
@@ -116,7 +116,7 @@ async def pump(
 
 
 async def _loop(
-    resp: web.StreamResponse, content: h1.Response, first: bytes, plan: RelayPlan
+    resp: web.StreamResponse, content: upstream_http.Response, first: bytes, plan: RelayPlan
 ) -> None:
     write = _guarded_write(resp, plan)
     frames = _FrameWriter(write, plan.frame_filter) if plan.frame_filter else None
@@ -137,7 +137,7 @@ async def _loop(
             if over is not None and over():
                 raise _Ended("limit", _budget_error())
             if fast and (tapped := tap(resp, content, plan.client_transport, sent)) is not None:
-                # the rest of the stream through the fast path (see gateway.fastpath)
+                # the rest of the stream through the fast path (see gateway.relay_tap)
                 tapped_fast, buffered = tapped
                 tapped_fast.observe(feed, gap, over)
                 del write  # the tap writes from here on; this frame lasts as long as the stream
@@ -146,7 +146,7 @@ async def _loop(
                         tapped_fast.deliver(piece)
                     del buffered
                     end = await tapped_fast.run(plan.write_stall_s)
-                except h1.H1Error as exc:
+                except upstream_http.H1Error as exc:
                     ended = _upstream_failed(exc)
                     ended.at_boundary = ends_frame(tapped_fast.last)
                     raise ended from exc
@@ -221,17 +221,17 @@ class _FrameWriter:
             await self._write(rest)
 
 
-async def _read(content: h1.Response) -> bytes:
+async def _read(content: upstream_http.Response) -> bytes:
     try:
         return await content.read_any()
-    except h1.H1Error as exc:
+    except upstream_http.H1Error as exc:
         raise _upstream_failed(exc) from exc
 
 
-def _upstream_failed(exc: h1.H1Error) -> _Ended:
+def _upstream_failed(exc: upstream_http.H1Error) -> _Ended:
     """How an upstream body read fails mid-stream: the idle timeout, or a break of any kind."""
     error: GatewayError
-    if isinstance(exc, h1.IdleTimeout):
+    if isinstance(exc, upstream_http.IdleTimeout):
         error = UpstreamTimeout(
             "The upstream went silent in the middle of the stream.", reason="idle_timeout"
         )

@@ -33,8 +33,8 @@ import structlog
 from aiohttp import web
 
 from .app import SIM_RUNNERS, start_upstream
+from .app_state import COMPONENTS, Components
 from .auth import Authenticator
-from .components import COMPONENTS, Components
 from .config import ConfigError, Settings, load_settings
 from .limits import InflightGate, Limiter, create_limiter
 from .routing import Router

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .app import create_app
-from .components import COMPONENTS, ClientTimeouts
+from .app_state import COMPONENTS, ClientTimeouts
 from .config import Settings
 from .reload import Reloader
 

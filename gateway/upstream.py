@@ -1,6 +1,6 @@
 """Upstream pools, and opening a request on a route with failover before the first byte.
 
-One `gateway.h1.Pool` of keep-alive connections per upstream per process, with explicit
+One `gateway.upstream_http.Pool` of keep-alive connections per upstream per process, with explicit
 connect and idle-read timeouts and no total timeout (a stream may last an hour). A semaphore of
 `max_connections` slots bounds the connections and the wait for one: past `pool_timeout_s` the
 request gets a 503 instead of queueing without end.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import h1
+from . import upstream_http
 from .config import Upstream
 from .errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 
@@ -60,7 +60,7 @@ class UpstreamClient:
     name: str
     settings: Upstream
     base_url: URL
-    pool: h1.Pool
+    pool: upstream_http.Pool
     slots: asyncio.Semaphore = field(init=False)
     #: upstream paths by path tail: nearly every request asks for one of a handful
     _paths: dict[str, str] = field(init=False, default_factory=dict)
@@ -107,7 +107,7 @@ def _nominated(headers: Mapping[str, str]) -> frozenset[str]:
 def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClient:
     # the pool keeps no cookies: it serves every team, and a Set-Cookie one answer carries
     # must never go out with another team's request
-    pool = h1.Pool(
+    pool = upstream_http.Pool(
         base_url,
         connect_timeout_s=settings.connect_timeout_s,
         idle_timeout_s=settings.read_idle_timeout_s,
@@ -120,7 +120,7 @@ class Opened:
     """An upstream answer whose headers and first body bytes have arrived."""
 
     upstream: UpstreamClient
-    response: h1.Response
+    response: upstream_http.Response
     first_chunk: bytes
     _slot_held: bool = True
 
@@ -149,6 +149,11 @@ class UpstreamRequest:
     request_id: str
     #: the body for upstreams with `usage: inject` (stream_options added), when it differs
     injected_body: bytes | None = None
+    #: whether there is one (kept after `release`)
+    injected: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.injected = self.injected_body is not None
 
     def body_for(self, client: UpstreamClient) -> bytes:
         if self.injected_body is not None and client.settings.usage == "inject":
@@ -241,25 +246,25 @@ async def _acquire_slot(client: UpstreamClient) -> None:
         ) from None
 
 
-async def _send(client: UpstreamClient, request: UpstreamRequest) -> h1.Response:
+async def _send(client: UpstreamClient, request: UpstreamRequest) -> upstream_http.Response:
     target = client.target_for(request.tail, request.query)
     headers = client.headers_for(request.headers, request.request_id)
     try:
         return await client.pool.request(request.method, target, headers, request.body_for(client))
-    except h1.IdleTimeout:
+    except upstream_http.IdleTimeout:
         raise UpstreamTimeout(
             f"upstream {client.name!r} sent no answer in time", reason="idle_timeout"
         ) from None
-    except h1.ConnectFailed as exc:
+    except upstream_http.ConnectFailed as exc:
         # the class only: the client must not learn the upstream's address
         error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc.__class__.__name__}")
         raise _Retryable(error) from exc
-    except h1.Disconnected as exc:
+    except upstream_http.Disconnected as exc:
         error = UpstreamError(
             f"upstream {client.name!r} closed the connection before answering", reason="reset"
         )
         raise _Retryable(error) from exc
-    except (h1.ProtocolViolation, ValueError) as exc:
+    except (upstream_http.ProtocolViolation, ValueError) as exc:
         error = UpstreamError(
             f"upstream {client.name!r} failed: {exc.__class__.__name__}", reason="protocol"
         )
@@ -284,11 +289,11 @@ async def _first_chunk(opened: Opened) -> bytes:
     """Read until the first body bytes (or the end of an empty body)."""
     try:
         return await opened.response.read_any()
-    except h1.IdleTimeout:
+    except upstream_http.IdleTimeout:
         raise UpstreamTimeout(
             f"upstream {opened.upstream.name!r} sent no body in time", reason="idle_timeout"
         ) from None
-    except h1.H1Error as exc:
+    except upstream_http.H1Error as exc:
         error = UpstreamError(
             f"upstream {opened.upstream.name!r} broke off before the body", reason="reset"
         )
@@ -305,7 +310,7 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 async def read_error_body(opened: Opened) -> bytes:
     """The rest of a non-2xx answer, bounded (it is relayed or summarised, never streamed)."""
     body = bytearray(opened.first_chunk)
-    with contextlib.suppress(h1.H1Error):
+    with contextlib.suppress(upstream_http.H1Error):
         while len(body) < MAX_ERROR_BODY:
             piece = await opened.response.read_any()
             if not piece:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.accounting import JsonMeter, StreamMeter, Tally
+from gateway.meter import JsonMeter, StreamMeter, Tally
 from gateway.sse import ServerSentEvent, SSEDecoder
 from gateway.tokens import load_tokenizer
 from tests.accounting.streams import DONE, OPENAI_CHAT, VLLM_REASONING, chunk, delta

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.accounting import StreamMeter, Tally, _Ledger
+from gateway.meter import StreamMeter, Tally, _Ledger
 from gateway.tokens import load_tokenizer
 from tests.accounting.streams import DONE, chunk, delta
 

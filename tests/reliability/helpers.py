@@ -20,7 +20,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from gateway.app import SIM_RUNNERS
-from gateway.components import ClientTimeouts
+from gateway.app_state import ClientTimeouts
 from gateway.config import Listen, Route, Settings, SimulatorSettings, Upstream
 from gateway.server import bound_port, start_server
 from gateway.sim import SIM_STATE, SimState

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.components import ClientTimeouts
+from gateway.app_state import ClientTimeouts
 from tests.support.fake_upstream import FakeUpstream, Script
 from tests.support.gateway import RunningGateway
 

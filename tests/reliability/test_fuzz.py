@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_atheris import request_target, sse_target
-from gateway.accounting import StreamMeter
 from gateway.errors import BadRequest
-from gateway.proxy import check_tail, parse_json
+from gateway.meter import StreamMeter
+from gateway.request_parse import check_tail, parse_json
 from gateway.sse import SSEDecoder
 from gateway.tokens import load_tokenizer
 

@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.components import COMPONENTS, Components
+from gateway.app_state import COMPONENTS, Components
 from gateway.config import Listen, Settings
 from gateway.server import bound_port, start_server
 

@@ -1,4 +1,4 @@
-"""gateway.h1 against raw asyncio servers on 127.0.0.1 that write scripted bytes.
+"""gateway.upstream_http against raw asyncio servers on 127.0.0.1 that write scripted bytes.
 
 The servers control the framing exactly: where each write starts and ends, when the
 connection closes (FIN or RST), what never comes. Each test checks what the client did
@@ -32,7 +32,7 @@ import pytest
 import uvloop
 from multidict import CIMultiDictProxy
 
-from gateway.h1 import (
+from gateway.upstream_http import (
     HEAD_LIMIT,
     HIGH_WATER,
     ConnectFailed,

@@ -3,14 +3,14 @@ own read callback, with no task wake-up per event.
 
 Awaiting `Response.read_any()` costs, per SSE event, a future, a task step and a buffer
 append and pop; `StreamResponse.write` adds another await. A `Tap` does the same job
-synchronously: the upstream connection (`gateway.h1`) hands each body piece to the tap as
+synchronously: the upstream connection (`gateway.upstream_http`) hands each body piece to the tap as
 its parser decodes it, and the tap frames it for the client (HTTP/1.1 chunked, as aiohttp's
 `StreamWriter` would, or raw for HTTP/1.0), writes it with one `transport.write`, and feeds
 the observers. The relay task only awaits the tap's end (the upstream's end or error, the
 budget cut, the client gone) or its backpressure: when the client's socket buffer is full,
 the tap pauses the upstream's reading and wakes the task, which awaits the client's drain
 under the write-stall timeout, then resumes it. While paused, the upstream's idle timeout
-does not run (`h1.Response.pause_reading`).
+does not run (`upstream_http.Response.pause_reading`).
 
 What this relies on in aiohttp's server (3.14): `StreamResponse._payload_writer` is the
 connection's `StreamWriter`; its `chunked`, `length`, `_compress`, headers-sent state and
@@ -31,7 +31,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
-from .h1 import Response
+from .upstream_http import Response
 
 #: how a tapped stream ended without an upstream error
 TapEnd = Literal["eof", "cut", "client_gone"]

@@ -12,9 +12,9 @@ import asyncio
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from gateway.accounting import StreamMeter
-from gateway.batch import MeterBatch
-from gateway.exchange import LiveCount
+from gateway.ledger import LiveCount
+from gateway.meter import StreamMeter
+from gateway.meter_batch import MeterBatch
 from gateway.metrics import GatewayMetrics
 from gateway.tokens import load_tokenizer
 from tests.accounting.streams import DONE, chunk, delta

@@ -16,8 +16,7 @@ from aiohttp import web
 from .auth import Authenticator
 from .config import Settings, Team
 from .context import RequestContext
-from .errors import ServiceUnavailable
-from .limits import InflightGate, Limiter, QueueTimeout
+from .limits import InflightGate, Limiter
 from .metrics import GatewayMetrics
 from .routing import Router
 from .tokens import Tokenizer
@@ -101,28 +100,6 @@ class Components:
     inflight: InflightGate
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
-
-    async def enter_gate(self, ctx: RequestContext) -> InflightGate:
-        """The process-wide max_inflight bound: a bounded wait, then 503. Returns the gate
-        to leave with `leave_gate` (a reload may swap the gate meanwhile)."""
-        gate = self.inflight
-        try:
-            await gate.__aenter__()
-        except QueueTimeout as exc:
-            self.metrics.rate_limited.labels(ctx.team, "inflight").inc()
-            ctx.end = "limit"
-            retry = str(max(1, round(exc.retry_after_s)))
-            raise ServiceUnavailable(
-                "The gateway is at capacity; retry shortly.",
-                code="gateway_overloaded",
-                headers={"Retry-After": retry},
-            ) from None
-        self.metrics.inflight.inc()
-        return gate
-
-    async def leave_gate(self, gate: InflightGate) -> None:
-        self.metrics.inflight.dec()
-        await gate.__aexit__(None, None, None)
 
 
 COMPONENTS = web.AppKey("components", Components)

@@ -13,11 +13,11 @@ import orjson
 import pytest
 from aiohttp.http_writer import StreamWriter
 
-from gateway import h1
-from gateway.accounting import StreamMeter
+from gateway import upstream_http
 from gateway.config import Settings
-from gateway.exchange import Exchange
-from gateway.fastpath import Tap
+from gateway.ledger import Ledger
+from gateway.meter import StreamMeter
+from gateway.relay_tap import Tap
 from tests.core.conftest import settings_for
 from tests.support.fake_upstream import FakeUpstream, Script
 from tests.support.gateway import running_gateway
@@ -33,14 +33,14 @@ async def test_paced_events_are_relayed_without_a_read_call_per_event(
     pieces = [EVENT] * 40 + [DONE]
     upstream.scripts.append(Script(pieces, pause_s=0.002))
     reads = 0
-    read_any: Callable[[h1.Response], Awaitable[bytes]] = h1.Response.read_any
+    read_any: Callable[[upstream_http.Response], Awaitable[bytes]] = upstream_http.Response.read_any
 
-    async def counted(self: h1.Response) -> bytes:
+    async def counted(self: upstream_http.Response) -> bytes:
         nonlocal reads
         reads += 1
         return await read_any(self)
 
-    monkeypatch.setattr(h1.Response, "read_any", counted)
+    monkeypatch.setattr(upstream_http.Response, "read_any", counted)
     async with running_gateway(settings_for(upstream.base_url)) as gw:
         raw = await _exchange(gw.url, pause_s=0)  # a raw client: its reads are not counted
     assert _dechunk(raw.partition(b"\r\n\r\n")[2]) == b"".join(pieces)
@@ -54,14 +54,14 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_still_gets_ev
     pieces = [big] * 256 + [DONE]  # 8 MiB: more than the socket buffers hold
     upstream.scripts.append(Script(pieces))
     pauses = 0
-    pause_reading = h1.Response.pause_reading
+    pause_reading = upstream_http.Response.pause_reading
 
-    def counted(self: h1.Response) -> None:
+    def counted(self: upstream_http.Response) -> None:
         nonlocal pauses
         pauses += 1
         pause_reading(self)
 
-    monkeypatch.setattr(h1.Response, "pause_reading", counted)
+    monkeypatch.setattr(upstream_http.Response, "pause_reading", counted)
     async with running_gateway(settings_for(upstream.base_url)) as gw:
         raw = await _exchange(gw.url, pause_s=0.5)
     head, _, chunked = raw.partition(b"\r\n\r\n")
@@ -97,7 +97,7 @@ def _settings_for_ending(ending: str, base_url: str) -> Settings:
 async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
     upstream: FakeUpstream, ending: str
 ) -> None:
-    """However a request ends, its tap, meter, exchange and upstream answer are freed by
+    """However a request ends, its tap, meter, ledger and upstream answer are freed by
     reference counting: only the garbage collector could free a reference cycle among them
     (an exception's traceback holds the frames it went through), and a collection stops
     every stream in flight."""
@@ -106,7 +106,7 @@ async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
     upstream.scripts.extend([Script([EVENT, DONE])] + [script] * requests)
 
     def alive() -> int:
-        kinds = (Tap, h1.Response, StreamMeter, Exchange)
+        kinds = (Tap, upstream_http.Response, StreamMeter, Ledger)
         return sum(isinstance(o, kinds) for o in gc.get_objects())
 
     async with running_gateway(_settings_for_ending(ending, upstream.base_url)) as gw:

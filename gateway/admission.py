@@ -1,0 +1,156 @@
+"""Admission and charging: whether a request may start, and what it reserves.
+
+    the process-wide gate (max_inflight: a bounded wait, then 503 gateway_overloaded)
+      -> the prompt estimate (in a thread past ESTIMATE_IN_THREAD_BYTES)
+      -> the team's limits, then the team's limits for this model: all or nothing
+         (429 rate_limit_exceeded; 503 limits_unavailable when the shared backend is down)
+
+An `Admitted` request holds its limiter admissions: the ledger charges them as tokens are
+counted (`Admission.charge`, once per metered piece) and `settle` returns what the request did
+not use. Refusals raise the error the client is told about; `gateway.outcome` reads the ending
+from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .app_state import Components
+from .config import Team
+from .context import RequestContext
+from .errors import RateLimitExceeded, ServiceUnavailable
+from .limits import (
+    Admission,
+    BackendUnavailable,
+    InflightGate,
+    LimitSpec,
+    QueueTimeout,
+    RateLimited,
+)
+from .routing import RouteMatch
+from .tokens import Tokenizer, estimate_prompt_tokens
+
+#: above this many body bytes, the prompt estimate runs in a thread, off the event loop
+ESTIMATE_IN_THREAD_BYTES = 64 * 1024
+
+
+class Admitted:
+    """A request past its team's limits: its prompt estimate and its limiter admissions."""
+
+    __slots__ = ("admissions", "prompt_estimate")
+
+    def __init__(self, prompt_estimate: int, admissions: list[Admission]) -> None:
+        self.prompt_estimate = prompt_estimate
+        #: the team's, and the team's for this model if it has limits of its own: each is
+        #: charged, so the cut policy sees whichever budget is crossed first
+        self.admissions = admissions
+
+    @property
+    def limit_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for admission in self.admissions:
+            headers.update(admission.headers)
+        return headers
+
+    async def settle(self, used_tokens: int) -> None:
+        """Record what the request used; the rest of each reservation goes back."""
+        for admission in self.admissions:
+            await admission.settle(used_tokens)
+
+
+async def enter_gate(comp: Components, ctx: RequestContext) -> InflightGate:
+    """The process-wide max_inflight bound: a bounded wait, then 503. Returns the gate to leave
+    with `leave_gate` (a reload may swap the gate meanwhile)."""
+    gate = comp.inflight
+    try:
+        await gate.__aenter__()
+    except QueueTimeout as exc:
+        comp.metrics.rate_limited.labels(ctx.team, "inflight").inc()
+        retry = str(max(1, round(exc.retry_after_s)))
+        raise ServiceUnavailable(
+            "The gateway is at capacity; retry shortly.",
+            code="gateway_overloaded",
+            headers={"Retry-After": retry},
+        ) from None
+    comp.metrics.inflight.inc()
+    return gate
+
+
+async def leave_gate(comp: Components, gate: InflightGate) -> None:
+    comp.metrics.inflight.dec()
+    await gate.__aexit__(None, None, None)
+
+
+async def admit(
+    comp: Components,
+    ctx: RequestContext,
+    team: Team | None,
+    match: RouteMatch,
+    doc: dict[str, Any] | None,
+    body: bytes,
+) -> Admitted:
+    """Estimate the prompt and, for a team, reserve it and the answer against its limits."""
+    estimate = await _estimate(doc, body, comp.tokenizers[match.route.tokenizer])
+    if team is None:
+        return Admitted(estimate, [])
+    reserve = estimate + _max_tokens(doc, comp.settings.limits.default_max_tokens)
+    return Admitted(estimate, await _admit_team(comp, ctx, team, match, reserve, estimate))
+
+
+async def _estimate(doc: dict[str, Any] | None, body: bytes, tokenizer: Tokenizer) -> int:
+    if doc is None:
+        return 0
+    if len(body) > ESTIMATE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(estimate_prompt_tokens, doc, tokenizer)
+    return estimate_prompt_tokens(doc, tokenizer)
+
+
+def _max_tokens(doc: dict[str, Any] | None, default: int) -> int:
+    if doc is None:
+        return 0
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = doc.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+async def _admit_team(
+    comp: Components,
+    ctx: RequestContext,
+    team: Team,
+    match: RouteMatch,
+    reserve: int,
+    prompt_tokens: int,
+) -> list[Admission]:
+    """The team's limits, then the team's limits for this model, if any; all or nothing."""
+    specs = [(f"team:{team.name}", team.limits)]
+    model_limits = team.model_limits.get(match.label)
+    if model_limits is not None:
+        specs.append((f"team:{team.name}:model:{match.label}", model_limits))
+    admissions: list[Admission] = []
+    try:
+        for key, limits in specs:
+            spec = LimitSpec(
+                requests_per_minute=limits.requests_per_minute,
+                tokens_per_minute=limits.tokens_per_minute,
+                concurrent_streams=limits.concurrent_streams,
+            )
+            admissions.append(
+                await comp.limiter.admit(
+                    key, spec, reserve, ctx.stream, prompt_tokens=prompt_tokens
+                )
+            )
+    except RateLimited as limited:
+        await Admitted(0, admissions).settle(0)
+        comp.metrics.rate_limited.labels(ctx.team, limited.limit).inc()
+        raise RateLimitExceeded(str(limited), headers=limited.headers) from None
+    except BackendUnavailable:
+        await Admitted(0, admissions).settle(0)
+        raise ServiceUnavailable(
+            "The shared limits backend is unreachable.",
+            code="limits_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+    return admissions

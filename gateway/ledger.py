@@ -1,0 +1,282 @@
+"""Live accounting of one request: what the relay meters, counted into the metrics and charged
+to the limiter while the answer runs, then settled once it ended.
+
+A `Ledger` is opened once the request is admitted. When the upstream answered, `plan` builds
+the relay's whole plan (the meter behind the batch, the live counters and budget charge, the
+gap histogram, the budget cut, the check that a completion stream was not cut short). `settle`
+takes the final tally (the upstream's usage when it sent one), records the metrics that only
+the end knows, and returns the unused token reservation. Metric children are looked up once per
+request, never per chunk. A stream's meter is fed through the process's `MeterBatch`
+(gateway.meter_batch): pieces are metered a few milliseconds after they went out, many streams
+at once, and `final_tally` meters what still waits before it reads the counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
+
+from .admission import Admitted
+from .context import RequestContext
+from .errors import GatewayError, UpstreamError
+from .limits import Admission
+from .meter import JsonMeter, StreamMeter, Tally
+from .metrics import BatchedObserver, finish_reason_label
+from .relay import Observer, RelayPlan
+from .routing import RouteMatch
+from .sse import ends_frame
+
+if TYPE_CHECKING:
+    from .app_state import Components
+    from .upstream import Opened
+
+#: streams that end with `finish_reason` or `[DONE]`: one that ends with neither was cut short
+COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+
+
+class LiveCount:
+    """The meter's sink: counts tokens into the metrics as they pass, charges the limiter.
+
+    Every admission is charged (the team's, and the team's budget for this model if it has
+    one), so the cut policy sees whichever budget is crossed first.
+    """
+
+    __slots__ = ("_admissions", "_completion", "_reasoning", "completion", "over", "reasoning")
+
+    def __init__(self, completion: Any, reasoning: Any, admissions: list[Admission]) -> None:
+        self._completion, self._reasoning, self._admissions = completion, reasoning, admissions
+        self.completion = self.reasoning = 0
+        self.over = False
+
+    def add(self, completion: int, reasoning: int) -> None:
+        self.completion += completion
+        self._completion.inc(completion)
+        if reasoning:
+            self.reasoning += reasoning
+            self._reasoning.inc(reasoning)
+        for admission in self._admissions:
+            if admission.charge(completion):
+                self.over = True
+
+
+class FrameEdge:
+    """An observer in front of another that knows whether the bytes so far end an SSE frame.
+
+    A frame ends with an empty line; lines end with LF, CR or CRLF. Only the last few bytes
+    are kept, so this costs nothing per chunk but a slice.
+    """
+
+    __slots__ = ("_inner", "_tail")
+
+    def __init__(self, inner: Observer) -> None:
+        self._inner = inner
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._inner.feed(chunk)
+        self._tail = (self._tail + chunk[-3:])[-3:]
+
+    @property
+    def at_frame_end(self) -> bool:
+        return ends_frame(self._tail)
+
+
+class Ledger:
+    __slots__ = (
+        "_gaps",
+        "_settled",
+        "_stream_started",
+        "admitted",
+        "comp",
+        "ctx",
+        "live",
+        "match",
+        "meter",
+    )
+
+    def __init__(
+        self, comp: Components, ctx: RequestContext, match: RouteMatch, admitted: Admitted
+    ) -> None:
+        self.comp, self.ctx, self.match, self.admitted = comp, ctx, match, admitted
+        self.meter: StreamMeter | JsonMeter | None = None
+        self.live: LiveCount | None = None
+        self._stream_started: float | None = None
+        self._gaps: BatchedObserver | None = None
+        self._settled = False
+
+    # -- the answer ---------------------------------------------------------------------------
+
+    def plan(
+        self,
+        opened: Opened,
+        transport: asyncio.WriteTransport | None,
+        tail: str,
+        injected: bool,
+    ) -> RelayPlan:
+        """The relay's plan for the upstream answer `opened`, whole: the one place it is built.
+
+        `injected`: the request asked `usage: inject` upstreams for the include_usage the
+        client did not ask for. If this upstream got it, the relay writes whole frames and
+        hides the usage-only event; a client that asked for usage gets the stream unchanged.
+        """
+        comp, ctx = self.comp, self.ctx
+        content_type = opened.response.headers.get("Content-Type", "")
+        sse = content_type.startswith("text/event-stream")
+        ctx.stream = sse
+        now = time.perf_counter()
+        ctx.ttft_ms = (now - ctx.started) * 1000.0
+        self._stream_started = now
+        plan = RelayPlan(observer=None, write_stall_s=comp.settings.limits.write_stall_timeout_s)
+        plan.sse = sse
+        plan.client_transport = transport
+        if sse:
+            comp.metrics.ttft.labels(ctx.model, opened.upstream.name).observe(ctx.ttft_ms / 1000)
+            comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
+            self._gaps = comp.metrics.gaps(ctx.model)
+            plan.on_chunk_gap = self._gaps.observe
+        if not self.match.route.accounting:
+            return plan
+        tokens = comp.metrics.tokens
+        self.live = LiveCount(
+            tokens.labels(ctx.team, ctx.model, "completion"),
+            tokens.labels(ctx.team, ctx.model, "reasoning"),
+            self.admitted.admissions,
+        )
+        tokenizer = comp.tokenizers[self.match.route.tokenizer]
+        if not sse:
+            self.meter = plan.observer = JsonMeter(tokenizer, self.admitted.prompt_estimate)
+            return plan
+        meter = self.meter = StreamMeter(tokenizer, self.live, self.admitted.prompt_estimate)
+        if injected and opened.upstream.settings.usage == "inject":
+            plan.frame_filter = meter
+        else:
+            plan.observer = comp.metrics.batch.defer(meter.feed)
+        cut = comp.settings.limits.on_token_budget_exceeded == "cut"
+        if cut and self.admitted.admissions:
+            plan.over_budget = self._cut_check(plan)
+        if tail in COMPLETION_ENDPOINTS:
+            plan.end_check = self.cut_short
+        return plan
+
+    def _cut_check(self, plan: RelayPlan) -> Callable[[], bool]:
+        """When to cut an over-budget stream: only where an SSE frame ends.
+
+        The relay writes upstream reads as they come, and a read may end inside an event;
+        an error event written there would be glued to half a chunk, which no client can
+        parse. With `usage: inject` the relay writes whole frames only, so any read will do.
+        """
+        live = self.live
+        assert live is not None
+        if plan.observer is None:
+            return lambda: live.over
+        edge = FrameEdge(plan.observer)
+        plan.observer = edge
+        return lambda: live.over and edge.at_frame_end
+
+    def cut_short(self) -> GatewayError | None:
+        """A completion stream that ended with no finish_reason, no [DONE] and no error event
+        was cut short: without a word, the client would take half an answer for a whole one.
+
+        A stream with a finish_reason but no [DONE] is whole (some upstreams never send it).
+        """
+        tally = self.stream_tally()  # idempotent: settle() takes the same tally
+        if (
+            tally is None
+            or tally.saw_done
+            or tally.finish_reasons
+            or tally.upstream_error is not None
+        ):
+            return None
+        return UpstreamError(
+            "The upstream ended the stream before it was complete (no finish_reason, no [DONE]).",
+            code="upstream_truncated",
+            reason="truncated",
+        )
+
+    def upstream_error_event(self) -> GatewayError | None:
+        """The upstream ended its stream with its own `data: {"error": ...}` event: relayed as
+        it is, and the request counts as an upstream error rather than a completed stream."""
+        tally = self.stream_tally()
+        error = tally.upstream_error if tally is not None else None
+        if error is None:
+            return None
+        code = error.get("code")
+        return UpstreamError(
+            "The upstream ended the stream with an error event.",
+            code=code if isinstance(code, str) and code else "upstream_error_event",
+            reason="error_event",
+        )
+
+    def final_tally(self) -> Tally | None:
+        """The meter's tally, every relayed piece metered (see gateway.meter_batch); idempotent."""
+        if self.meter is None:
+            return None
+        self.comp.metrics.batch.flush()
+        return self.meter.finish()
+
+    def stream_tally(self) -> Tally | None:
+        """`final_tally` of a streamed answer; None for a JSON one or with accounting off."""
+        return self.final_tally() if isinstance(self.meter, StreamMeter) else None
+
+    # -- settlement ---------------------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Final tally, end-of-request metrics, and the limiter's unused reservation returned."""
+        if self._settled:
+            return
+        self._settled = True
+        tally = self.final_tally()
+        if tally is not None:
+            self._record(tally)
+        self._record_stream_end()
+        ctx = self.ctx
+        used = ctx.prompt_tokens + ctx.completion_tokens
+        await self.admitted.settle(used if tally is not None else self.admitted.prompt_estimate)
+
+    def _record(self, tally: Tally) -> None:
+        ctx, metrics = self.ctx, self.comp.metrics
+        ctx.prompt_tokens = tally.prompt_tokens
+        ctx.completion_tokens = tally.completion_tokens
+        ctx.reasoning_tokens = tally.reasoning_tokens
+        ctx.usage_source = tally.usage_source
+        ctx.chunks = tally.chunks
+        ctx.metered_finish = tally.finish_reason
+        tokens = metrics.tokens
+        tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
+        live_completion = self.live.completion if self.live else 0
+        live_reasoning = self.live.reasoning if self.live else 0
+        _inc_by_missing(
+            tokens.labels(ctx.team, ctx.model, "completion"),
+            tally.completion_tokens,
+            live_completion,
+        )
+        _inc_by_missing(
+            tokens.labels(ctx.team, ctx.model, "reasoning"), tally.reasoning_tokens, live_reasoning
+        )
+        for reason in tally.finish_reasons or (None,):
+            metrics.finish_reasons.labels(ctx.model, finish_reason_label(reason)).inc()
+        if tally.usage_source == "upstream":
+            metrics.usage_estimated.labels(ctx.model).inc(tally.estimated_completion)
+            metrics.usage_upstream.labels(ctx.model).inc(tally.completion_tokens)
+        if tally.decode_errors:
+            metrics.decode_errors.labels(ctx.model).inc(tally.decode_errors)
+
+    def _record_stream_end(self) -> None:
+        if self._gaps is not None:
+            self._gaps.flush()
+        if self._stream_started is None or not self.ctx.stream:
+            return
+        ctx, metrics = self.ctx, self.comp.metrics
+        metrics.active_streams.labels(ctx.team, ctx.model).dec()
+        duration = time.perf_counter() - ctx.started
+        metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
+
+
+def _inc_by_missing(counter: Counter, final: int, counted: int) -> None:
+    """Counters only grow: add what the live count missed (an overcount stays, as drift)."""
+    if final > counted:
+        counter.inc(final - counted)
