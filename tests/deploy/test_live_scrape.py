@@ -27,6 +27,7 @@ import openai
 import pytest
 
 from tests.deploy import assets
+from tests.deploy.exported import awaited_sample_names, exported_sample_names
 from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
 from tests.support.prometheus_server import (
     PrometheusError,
@@ -188,6 +189,18 @@ async def drive(base_url: str, traffic: Traffic) -> None:
 
 # --- waiting for Prometheus -----------------------------------------------------------------
 
+#: series added by issues 16/17 that this gateway does not export yet (tests/deploy/exported.py).
+#: A query reading one cannot have data here: Prometheus must still accept it, and its data
+#: check waits for the issue. Once an issue's metrics land, its queries need data like any
+#: other, so the traffic above must then make them appear (a cooldown on a balanced tier, a
+#: priced model and a team with a budget in `gateway_config`).
+AWAITED = awaited_sample_names(exported_sample_names())
+
+
+def awaited_by(query: assets.Query) -> set[str]:
+    return assets.metric_names(query.expr) & AWAITED
+
+
 #: series the first phase creates, which must be scraped before the second phase grows them
 FIRST_EVENTS = (
     "gateway_rate_limited_total",
@@ -243,7 +256,7 @@ def without_numbers(prometheus: PrometheusServer) -> list[str]:
     queries = assets.dashboard_queries(assets.load_dashboard()) + assets.recording_queries()
     queries += [assets.Query(q.where, q.where) for q in assets.recording_queries()]
     missing = []
-    for query in queries:
+    for query in (q for q in queries if not awaited_by(q)):
         try:
             if not has_a_number(prometheus.query(query.expr)):
                 missing.append(query.where)
@@ -325,7 +338,10 @@ def test_token_series_carry_the_configured_model_labels_and_every_type(live: Liv
     "query", assets.dashboard_queries(assets.load_dashboard()), ids=lambda q: q.where
 )
 def test_dashboard_query_returns_data(live: Live, query: assets.Query) -> None:
-    assert has_a_number(live.prometheus.query(query.expr)), f"no data for: {query.expr}"
+    result = live.prometheus.query(query.expr)  # raises PrometheusError unless it is accepted
+    if awaited := awaited_by(query):
+        pytest.skip(f"reads {sorted(awaited)}: series added by issues 16/17, not exported yet")
+    assert has_a_number(result), f"no data for: {query.expr}"
 
 
 @pytest.mark.parametrize(
