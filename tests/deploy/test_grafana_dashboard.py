@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.deploy import assets
-from tests.deploy.exported import exported_sample_names
+from tests.deploy.exported import known_sample_names
 from tests.deploy.tools import require, run
 
 GRID_WIDTH = 24
@@ -119,19 +119,26 @@ def test_team_and_model_variables_list_label_values_and_allow_all(
 def test_panel_queries_filter_by_team_and_model_where_the_series_has_those_labels(
     dashboard: dict[str, Any],
 ) -> None:
-    team_metrics = {"gateway_tokens_total", "gateway_active_streams", "gateway_requests_total"}
+    team_metrics = {
+        "gateway_tokens_total",
+        "gateway_active_streams",
+        "gateway_requests_total",
+        "gateway_cost_usd_total",
+    }
+    team_only_metrics = {"gateway_budget_used_ratio"}  # labels team, key, budget: no model
     for panel in _data_panels(dashboard):
         for target in panel["targets"]:
             names = assets.metric_names(target["expr"])
-            if names & team_metrics:
+            if names & (team_metrics | team_only_metrics):
                 assert '=~"$team"' in target["expr"], panel["title"]
+            if names & team_metrics:
                 assert '=~"$model"' in target["expr"], panel["title"]
 
 
 def test_dashboard_reads_only_series_the_gateway_exports(dashboard: dict[str, Any]) -> None:
-    exported = exported_sample_names()
+    known = known_sample_names()
     unknown = {
-        query.where: assets.metric_names(query.expr) - exported
+        query.where: assets.metric_names(query.expr) - known
         for query in assets.dashboard_queries(dashboard)
     }
     assert {where: names for where, names in unknown.items() if names} == {}
@@ -156,6 +163,66 @@ def test_dashboard_covers_tokens_streams_latency_codes_limits_errors_and_drift(
         q for q in assets.dashboard_queries(dashboard) if "by (team, model, type)" in q.expr
     ]
     assert tokens_by_type, "no panel splits tokens by team, model and type"
+
+
+def _rows(dashboard: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each row's title and the panels below it, up to the next row."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] = []
+    for panel in sorted(dashboard["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], list(panel.get("panels", [])))
+        else:
+            current.append(panel)
+    return rows
+
+
+def _row_exprs(dashboard: dict[str, Any], title: str) -> list[str]:
+    return [t["expr"] for p in _rows(dashboard)[title] for t in p.get("targets", [])]
+
+
+def test_upstreams_row_shows_inflight_health_cooldowns_retries_and_ttft_by_upstream(
+    dashboard: dict[str, Any],
+) -> None:
+    exprs = _row_exprs(dashboard, "Upstreams")
+    read = set().union(*(assets.metric_names(e) for e in exprs))
+    assert read == {
+        "gateway_upstream_inflight",
+        "gateway_upstream_healthy",
+        "gateway_upstream_cooldowns_total",
+        "gateway_upstream_retries_total",
+        "gateway_time_to_first_token_seconds_bucket",
+    }
+    ttft = [e for e in exprs if "gateway_time_to_first_token_seconds_bucket" in e]
+    assert {e.split(",")[0] for e in ttft} == {"histogram_quantile(0.5", "histogram_quantile(0.99"}
+    assert all("sum by (upstream, le)" in e for e in ttft), ttft
+    rates = [e for e in exprs if "cooldowns_total" in e or "retries_total" in e]
+    assert all("sum by (upstream, reason) (rate(" in e for e in rates), rates
+
+
+def test_spend_row_shows_cost_rate_and_increase_budget_used_and_unpriced_tokens(
+    dashboard: dict[str, Any],
+) -> None:
+    exprs = _row_exprs(dashboard, "Spend")
+    cost = [e for e in exprs if "gateway_cost_usd_total" in e]
+    assert any("sum by (team, model) (rate(" in e for e in cost), cost
+    assert any("sum by (team, model) (increase(" in e and "[$__range]" in e for e in cost), cost
+    assert any("by (team, key, budget)" in e for e in exprs if "gateway_budget_used_ratio" in e)
+    assert any("by (model)" in e for e in exprs if "gateway_unpriced_tokens_total" in e)
+
+
+def test_budget_panel_turns_orange_at_80_percent_and_red_at_100_percent(
+    dashboard: dict[str, Any],
+) -> None:
+    (panel,) = [
+        p
+        for p in _data_panels(dashboard)
+        if any("gateway_budget_used_ratio" in t["expr"] for t in p["targets"])
+    ]
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    steps = [(s["value"], s["color"]) for s in defaults["thresholds"]["steps"]]
+    assert steps == [(None, "green"), (0.8, "orange"), (1, "red")]
 
 
 @pytest.mark.prometheus

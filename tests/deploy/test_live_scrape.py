@@ -7,6 +7,9 @@ openai SDK and the demo load generator, with a rate-limited team, an unreachable
 client that hangs up), a Prometheus with the shipped rules scrapes it every second, and then
 every dashboard query and recording rule must return data, every alert expression must parse,
 and `sum(rate(gateway_tokens_total[1m])) by (team)` must list the teams that streamed.
+Panels reading series that issues 16/17 add are sent to Prometheus too; their data is checked
+once the gateway exports those series, and from then on the config gains a balanced tier with
+a failing member, prices and budgets, so those panels have something to show.
 
 Bounded: about 20-40 s, all processes on 127.0.0.1 and stopped at the end of the module.
 """
@@ -18,7 +21,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,11 @@ import openai
 import pytest
 
 from tests.deploy import assets
+from tests.deploy.exported import (
+    SERIES_ADDED_BY_ISSUES_16_17,
+    awaited_sample_names,
+    exported_sample_names,
+)
 from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
 from tests.support.prometheus_server import (
     PrometheusError,
@@ -46,9 +54,28 @@ GAMMA_REQUESTS_PER_MINUTE = 2
 DATA_TIMEOUT_S = 30.0
 
 
-def gateway_config(dead_port: int) -> dict[str, Any]:
+#: series added by issues 16/17 that this gateway does not export yet (tests/deploy/exported.py).
+#: A query reading one cannot have data here: Prometheus must still accept it, and its data
+#: check waits for the issue. Once an issue's metrics land, its queries need data like any
+#: other: `gateway_config` then adds what makes them appear (a failing member of a balanced
+#: tier for 16; prices and a budget for 17, with DESIGN.md's config keys).
+AWAITED = awaited_sample_names(exported_sample_names())
+#: a model routed to a balanced tier whose second member nobody serves, once issue 16 landed
+FLAKY_MODEL = "flaky-chat"
+
+
+def awaited_by(query: assets.Query) -> set[str]:
+    return assets.metric_names(query.expr) & AWAITED
+
+
+def issue_landed(issue: int) -> bool:
+    """Whether the gateway exports the metrics issue 16 or 17 adds."""
+    return not SERIES_ADDED_BY_ISSUES_16_17[issue] & AWAITED
+
+
+def gateway_config(dead_port: int, workdir: Path) -> dict[str, Any]:
     """Teams with keys, the built-in simulator behind sim-*, and an upstream nobody serves."""
-    return {
+    config: dict[str, Any] = {
         "shutdown_grace_s": 2,
         "upstreams": {
             "sim": {"simulator": {}, "usage": "inject"},
@@ -71,6 +98,37 @@ def gateway_config(dead_port: int) -> dict[str, Any]:
         ],
         "limits": {"backend": "local"},
     }
+    if issue_landed(16):
+        add_a_failing_tier_member(config, dead_port)
+    if issue_landed(17):
+        add_prices_and_a_budget(config, workdir)
+    return config
+
+
+def add_a_failing_tier_member(config: dict[str, Any], dead_port: int) -> None:
+    """A tier of `sim` and an unserved replica that weighted balancing nearly always picks first.
+
+    Its first connect error cools it down (max_failures 1, for longer than the test) and the
+    retry on `sim` serves the client: a retry, a cooldown and an unhealthy upstream to show.
+    """
+    config["upstreams"]["dead-replica"] = {
+        "base_url": f"http://127.0.0.1:{dead_port}/v1",
+        "connect_timeout_s": 1,
+        "weight": 100,
+        "health": {"max_failures": 1, "window_s": 30, "cooldown_s": 300},
+    }
+    tier = {"models": ["flaky-*"], "upstreams": [["sim", "dead-replica"]], "balance": "weighted"}
+    config["routes"].append(tier)
+
+
+def add_prices_and_a_budget(config: dict[str, Any], workdir: Path) -> None:
+    """sim-small priced (the other models stay unpriced), and budgets beta cannot exhaust."""
+    config["pricing"] = [
+        {"models": ["sim-small"], "input": 0.5, "cached_input": 0.25, "output": 1.5}
+    ]
+    beta = next(team for team in config["teams"] if team["name"] == "beta")
+    beta["budgets"] = {"tokens_per_day": 10**9, "usd_per_month": 1000}
+    config["limits"]["state_file"] = str(workdir / "gateway-state.db")
 
 
 # --- traffic --------------------------------------------------------------------------------
@@ -157,6 +215,13 @@ async def run_loadgen(base_url: str, traffic: Traffic) -> None:
         traffic.errors.append(output.decode(errors="replace")[-2000:])
 
 
+def flaky(api: openai.AsyncOpenAI, traffic: Traffic, count: int) -> list[Awaitable[None]]:
+    """Streams of the model behind the failing tier member, once issue 16 landed."""
+    if not issue_landed(16):
+        return []
+    return [stream(api, FLAKY_MODEL, {"chunks": 4}, traffic) for _ in range(count)]
+
+
 async def first_events(base_url: str, traffic: Traffic) -> None:
     """One of each kind of event, so each labelled counter exists before it grows.
 
@@ -168,6 +233,7 @@ async def first_events(base_url: str, traffic: Traffic) -> None:
         await asyncio.gather(
             stream(alpha, "dead-model", {"chunks": 4}, traffic),
             hang_up(alpha, traffic),
+            *flaky(alpha, traffic, 2),
             *(stream(gamma, "sim-small", {"chunks": 8}, traffic) for _ in range(3)),
         )
 
@@ -182,6 +248,7 @@ async def drive(base_url: str, traffic: Traffic) -> None:
             run_loadgen(base_url, traffic),
             hang_up(alpha, traffic),  # same labels as the first phase, so it reads as growth
             *(stream(alpha, "dead-model", {"chunks": 4}, traffic) for _ in range(2)),
+            *flaky(alpha, traffic, 2),
             *(stream(gamma, "sim-small", {"chunks": 8, "delay_ms": 20}, traffic) for _ in range(2)),
         )
 
@@ -243,7 +310,7 @@ def without_numbers(prometheus: PrometheusServer) -> list[str]:
     queries = assets.dashboard_queries(assets.load_dashboard()) + assets.recording_queries()
     queries += [assets.Query(q.where, q.where) for q in assets.recording_queries()]
     missing = []
-    for query in queries:
+    for query in (q for q in queries if not awaited_by(q)):
         try:
             if not has_a_number(prometheus.query(query.expr)):
                 missing.append(query.where)
@@ -271,7 +338,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     if prometheus_binary() is None:
         pytest.skip("prometheus is not installed (CI installs Debian's prometheus)")
     workdir: Path = tmp_path_factory.mktemp("live-scrape")
-    config = gateway_config(dead_port=free_port())
+    config = gateway_config(dead_port=free_port(), workdir=workdir)
     with (
         running_gateway_process(config, workdir) as gateway,
         running_prometheus([gateway.target], workdir, assets.RULE_FILES) as prometheus,
@@ -325,7 +392,10 @@ def test_token_series_carry_the_configured_model_labels_and_every_type(live: Liv
     "query", assets.dashboard_queries(assets.load_dashboard()), ids=lambda q: q.where
 )
 def test_dashboard_query_returns_data(live: Live, query: assets.Query) -> None:
-    assert has_a_number(live.prometheus.query(query.expr)), f"no data for: {query.expr}"
+    result = live.prometheus.query(query.expr)  # raises PrometheusError unless it is accepted
+    if awaited := awaited_by(query):
+        pytest.skip(f"reads {sorted(awaited)}: series added by issues 16/17, not exported yet")
+    assert has_a_number(result), f"no data for: {query.expr}"
 
 
 @pytest.mark.parametrize(
