@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from .aiohttp_private import head_with_first_write
 from .context import RequestContext
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -32,13 +33,12 @@ async def prepare_stream(
     return resp
 
 
+@head_with_first_write
 class HeadWithFirstWrite(web.StreamResponse):
     """A streamed answer whose head waits for the first body write and leaves in the same
     `transport.write`: one TCP segment and one system call less per request.
 
-    aiohttp buffers a prepared head and coalesces it with the first write when this class
+    aiohttp buffers a prepared head and coalesces it with the first write when a private class
     attribute is off, as it is for its own `web.Response`; a `StreamResponse` sends the head
-    alone at `prepare()` by default.
+    alone at `prepare()` by default. `aiohttp_private.head_with_first_write` turns it off.
     """
-
-    _send_headers_immediately = False

@@ -8,52 +8,25 @@ Tests build a fresh `CollectorRegistry` each; the app builds one per process.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from typing import Any, Self
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 
 from .meter_batch import FlushOnCollect, MeterBatch
+from .prometheus_private import KeptChildren, batch_adder
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 INTER_CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-#: children kept per metric; past that (not reached with bounded labels) lookups go through
-CHILD_CACHE_ENTRIES = 4096
-
-
-class _KeptChildren(MetricWrapperBase):
-    """`labels(*values)` keeps each child after its first lookup.
-
-    prometheus-client's `labels` validates the values, takes a lock and builds a tuple per
-    call (0.8 us hot); a streamed request asks for about a dozen children. The gateway never
-    removes a child, so a kept one stays the registry's own.
-    """
-
-    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
-        kept: dict[tuple[Any, ...], Self] | None = self.__dict__.get("_kept")
-        if kept is None:
-            kept = self.__dict__["_kept"] = {}
-        child = kept.get(labelvalues)
-        if child is None or labelkwargs:
-            child = super().labels(*labelvalues, **labelkwargs)
-            if not labelkwargs and len(kept) < CHILD_CACHE_ENTRIES:
-                kept[labelvalues] = child
-        return child
-
-
-class _Counter(_KeptChildren, Counter):
+class _Counter(KeptChildren, Counter):
     pass
 
 
-class _Gauge(_KeptChildren, Gauge):
+class _Gauge(KeptChildren, Gauge):
     pass
 
 
-class _Histogram(_KeptChildren, Histogram):
+class _Histogram(KeptChildren, Histogram):
     pass
 
 
@@ -189,40 +162,29 @@ class BatchedObserver:
     """A histogram child's observations, gathered and added `batch` at a time.
 
     `Histogram.observe` takes a lock and walks the buckets on every call, which is most of
-    the cost of watching the gaps of streams that send an event per token. This keeps its
-    own bucket counts and adds them to the child in one go every `batch` observations and
-    at `flush()` (a stream's end, a collection of the registry): the exported histogram is
-    the same, at most `batch - 1` observations late. It writes the child's own bucket and sum values
-    (`_upper_bounds`, `_buckets`, `_sum` of prometheus-client's `Histogram`), which also
-    hold in multiprocess mode; `tests/accounting/test_metrics.py` checks the result
+    the cost of watching the gaps of streams that send an event per token. This keeps the
+    values and adds them to the child in one go every `batch` observations and at `flush()`
+    (a stream's end, a collection of the registry): the exported histogram is the same, at
+    most `batch - 1` observations late. Adding a batch writes the child's own bucket and sum
+    values, prometheus-client internals kept behind `prometheus_private.batch_adder` (which
+    falls back to `observe` per value); `tests/accounting/test_metrics.py` checks the result
     against `observe`.
     """
 
-    __slots__ = ("_batch", "_bounds", "_child", "_counts", "_pending", "_sum")
+    __slots__ = ("_add", "_batch", "_values")
 
     def __init__(self, child: Histogram, batch: int = 64) -> None:
-        self._child = child
-        self._bounds = child._upper_bounds
-        self._counts = [0] * len(self._bounds)
+        self._add = batch_adder(child)
+        self._values: list[float] = []
         self._batch = batch
-        self._pending = 0
-        self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        # the first bucket whose upper bound is >= value, as Histogram.observe picks it
-        self._counts[bisect_left(self._bounds, value)] += 1
-        self._sum += value
-        self._pending += 1
-        if self._pending >= self._batch:
+        values = self._values
+        values.append(value)
+        if len(values) >= self._batch:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        child, counts = self._child, self._counts
-        child._sum.inc(self._sum)
-        for i, count in enumerate(counts):
-            if count:
-                child._buckets[i].inc(count)
-                counts[i] = 0
-        self._pending, self._sum = 0, 0.0
+        if self._values:
+            self._add(self._values)
+            self._values.clear()

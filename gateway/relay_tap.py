@@ -12,12 +12,14 @@ the tap pauses the upstream's reading and wakes the task, which awaits the clien
 under the write-stall timeout, then resumes it. While paused, the upstream's idle timeout
 does not run (`upstream_http.Response.pause_reading`).
 
-What this relies on in aiohttp's server (3.14): `StreamResponse._payload_writer` is the
-connection's `StreamWriter`; its `chunked`, `length`, `_compress`, headers-sent state and
-hooks say whether its framing is the plain one reproduced here; its `protocol._paused` (what
-the `writing_paused` property returns) is the client transport's flow control, and `drain()`
-waits for it. `tap()` checks these and
-returns None when any does not hold, and the relay then keeps its awaited loop.
+What this relies on in aiohttp's server: the prepared response's connection `StreamWriter`,
+that its framing is the plain one reproduced here (no compression, no declared length, the
+head sent, no hooks), and its client protocol's flow-control flag, which `drain()` waits on.
+These are aiohttp internals, named with the versions tested in `gateway.aiohttp_private`:
+`tap()` gets the writer from `aiohttp_private.plain_writer` once per stream and returns None
+when any does not hold (or a release removed it), and the relay then keeps its awaited loop.
+`Tap.deliver` reads the flow-control flag (`BaseProtocol._paused`) per event as a plain
+attribute; the adapter checked at tap time that it is there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
+from .aiohttp_private import plain_writer
 from .upstream_http import Response
 
 #: how a tapped stream ended without an upstream error
@@ -117,7 +120,8 @@ class Tap:
                 structlog.get_logger("gateway").exception("stream_observer_failed")
         if self._over is not None and self._over():
             self._stop("cut")
-        elif self._client._paused and not self._held:  # `writing_paused`, without a property call
+        # `writing_paused` without a property call (aiohttp_private.PROTOCOL_PAUSED, checked in tap)
+        elif self._client._paused and not self._held:
             self._held = True
             self._body.pause_reading()
             self._signal()
@@ -180,25 +184,10 @@ def tap(
     Returns the tap and the pieces the body had already buffered: the caller delivers them
     (in order, before anything the connection hands over later) with `Tap.deliver`.
     """
-    writer = resp._payload_writer
-    if (
-        transport is None
-        or transport.is_closing()
-        or type(writer) is not StreamWriter
-        or not _plain_writer(writer)
-    ):
+    if transport is None or transport.is_closing():
+        return None
+    writer = plain_writer(resp)
+    if writer is None:
         return None
     new = Tap(body, writer, transport, last)
     return new, body.tap(new.deliver, new.upstream_ended)
-
-
-def _plain_writer(writer: StreamWriter) -> bool:
-    """Headers sent, no compression, no declared length, no hooks: bytes go out as framed."""
-    return (
-        writer._compress is None
-        and writer.length is None
-        and writer._headers_buf is None
-        and writer._on_chunk_sent is None
-        and writer.on_body_write is None
-        and writer.transport is not None
-    )

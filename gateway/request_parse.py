@@ -8,14 +8,14 @@ JSON parsed once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import StreamReader, web
+from aiohttp import web
 
+from .aiohttp_private import park_buffer
 from .errors import BadRequest, RequestTooLarge
 
 #: endpoints whose body must be a JSON object naming a model
@@ -93,31 +93,6 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float | Non
         ) from None
     park_buffer(content)  # read to its end: its buffer is not needed for the stream's life
     return bytes(body)
-
-
-class _Parked(collections.deque[bytes]):
-    """An empty buffer shared by every request body read to its end: growing it is a bug."""
-
-    __slots__ = ()
-
-    def append(self, item: bytes) -> None:
-        raise RuntimeError("a parked reader buffer cannot take data")
-
-    appendleft = append
-
-
-PARKED = _Parked()
-
-
-def park_buffer(reader: StreamReader) -> None:
-    """Free the empty buffers of a request body read to its end: a stream that lasts minutes
-    keeps its request object, and these deques are about 1.5 KB of it.
-
-    Other readers (aiohttp's shared `EMPTY_PAYLOAD` for a body-less request) are left alone.
-    """
-    if type(reader) is StreamReader and not reader._buffer:
-        reader._buffer = PARKED
-        reader._http_chunk_splits = None
 
 
 def _append(body: bytearray, piece: bytes, max_bytes: int) -> None:

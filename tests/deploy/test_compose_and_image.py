@@ -254,6 +254,17 @@ def instruction(stage: Stage, name: str) -> str:
     return found
 
 
+def copied_from_context(stages: list[Stage]) -> list[str]:
+    """The build context's paths the stages COPY (not those from another stage)."""
+    return [
+        source
+        for stage in stages
+        for i in stage.instructions
+        if i.name == "COPY" and not i.args.startswith("--from=")
+        for source in shlex.split(i.args)[:-1]
+    ]
+
+
 def exec_form(args: str) -> list[str]:
     value = json.loads(args)
     assert isinstance(value, list), f"not exec form: {args}"
@@ -299,6 +310,21 @@ def test_image_health_check_probes_healthz_with_python_on_the_exposed_port(
     assert url.port == int(instruction(final, "EXPOSE")) == gateway_settings.listen.port
 
 
+def test_image_installs_the_tested_versions_from_the_constraints_file() -> None:
+    build = dockerfile().stages[0]
+    assert "constraints.txt" in copied_from_context([build])
+    installs = [
+        shlex.split(command)
+        for i in build.instructions
+        if i.name == "RUN"
+        for command in i.args.split("&&")
+        if " install " in command
+    ]
+    assert installs
+    for words in installs:
+        assert words[words.index("-c") + 1] == "constraints.txt", words
+
+
 def _ignored(path: str, patterns: list[str]) -> bool:
     """BuildKit's rule, simplified: the last pattern matching the path decides."""
     ignored = False
@@ -317,13 +343,7 @@ def test_build_context_keeps_what_the_image_copies_and_drops_the_rest() -> None:
         for line in ignore_file.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    sources = [
-        source
-        for stage in dockerfile().stages
-        for i in stage.instructions
-        if i.name == "COPY" and not i.args.startswith("--from=")
-        for source in shlex.split(i.args)[:-1]
-    ]
+    sources = copied_from_context(dockerfile().stages)
     assert sources
     for source in sources:
         assert (assets.REPO / source).exists(), f"COPY {source}: not in the repository"
