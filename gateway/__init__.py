@@ -20,6 +20,9 @@ When the request ends, outcome decides how (end, status, error code, finish reas
 facts the modules reported on the RequestContext (context), and app records the metrics
 (metrics) and the one log line (logs).
 
+Private attributes of aiohttp and prometheus-client are read in aiohttp_private and
+prometheus_private only, each with a fallback to the public API.
+
 `python -m gateway` is a thin entry point over this library (server, workers, reload); tests
 import it directly.
 """
