@@ -22,6 +22,9 @@ from .routing import Router
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
 
+#: ClientTimeouts' defaults are the configuration's (config.Settings), not a second copy
+_DEFAULTS = Settings()
+
 
 @dataclass(frozen=True, slots=True)
 class ClientTimeouts:
@@ -34,8 +37,13 @@ class ClientTimeouts:
     whole request body; past it the client gets 408.
     """
 
-    idle_s: float = 75.0
-    body_s: float = 60.0
+    idle_s: float = _DEFAULTS.client_idle_timeout_s
+    body_s: float = _DEFAULTS.client_body_timeout_s
+
+    @classmethod
+    def of(cls, settings: Settings) -> ClientTimeouts:
+        """The timeouts a configuration sets (`client_idle_timeout_s`, `client_body_timeout_s`)."""
+        return cls(idle_s=settings.client_idle_timeout_s, body_s=settings.client_body_timeout_s)
 
 
 @dataclass(slots=True)

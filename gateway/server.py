@@ -42,9 +42,7 @@ async def start_server(
     timeouts: ClientTimeouts | None = None,
 ) -> web.AppRunner:
     """Build the app and listen; the bound port is `bound_port(runner)` (the config may say 0)."""
-    timeouts = timeouts or ClientTimeouts(
-        idle_s=settings.client_idle_timeout_s, body_s=settings.client_body_timeout_s
-    )
+    timeouts = timeouts or ClientTimeouts.of(settings)
     app = create_app(settings, registry, exposition)
     runner = web.AppRunner(
         app,
@@ -110,7 +108,7 @@ async def serve(
     signals = [signal.SIGTERM, signal.SIGINT]
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    reloader = Reloader(runner.app, config_path) if config_path is not None else None
+    reloader = Reloader(runner, config_path) if config_path is not None else None
     # without a file to read, SIGHUP is logged and ignored (its default action would kill us)
     loop.add_signal_handler(signal.SIGHUP, reloader.trigger if reloader else _no_reload)
     signals.append(signal.SIGHUP)
