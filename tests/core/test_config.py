@@ -6,10 +6,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from gateway.config import ConfigError, default_settings, parse_settings
+from gateway.config import ConfigError, TokenizerName, default_settings, parse_settings
+from gateway.tokens import TOKENIZER_NAMES, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,3 +123,9 @@ def test_a_bound_that_allows_zero_is_not_called_positive(text: str, bound: str) 
         parse_settings(text, {}, source="gw.yaml")
     assert "positive" not in str(refused.value)
     assert bound in str(refused.value)
+
+
+@pytest.mark.parametrize("name", get_args(TokenizerName))
+def test_every_tokenizer_a_route_may_name_loads_and_is_listed(name: str) -> None:
+    assert name in TOKENIZER_NAMES
+    assert load_tokenizer(name).name == name
