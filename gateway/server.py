@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -122,6 +124,16 @@ async def serve(
         await drain(runner, runner.app[COMPONENTS].settings.shutdown_grace_s)
         if reloader is not None:
             await reloader.aclose()  # what a reload replaced, once its last stream ended
+
+
+def run_loop(main_coro: Coroutine[Any, Any, None]) -> None:
+    """Run `main_coro` (`serve(...)`) to the end on uvloop, or asyncio's loop without it."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(main_coro)
+    else:
+        uvloop.run(main_coro)
 
 
 def settle_heap() -> None:
