@@ -34,7 +34,8 @@ class ClientTimeouts:
     progress for that long, which bounds both an idle kept-alive connection and one whose
     request head never completes (the server is still waiting for the message). Keep it above
     the idle timeout of any load balancer in front (60 s for most). `body_s` bounds reading the
-    whole request body; past it the client gets 408.
+    whole request body; past it the client gets 408. Built from the configuration
+    (`ClientTimeouts.of`), and again by each SIGHUP reload (reload.py says what applies when).
     """
 
     idle_s: float = _DEFAULTS.client_idle_timeout_s
