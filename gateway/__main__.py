@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 import msgspec
 
 from .config import ConfigError, Listen, Settings, default_settings, load_settings
 from .logs import configure_logging
-from .server import serve
+from .server import run_loop, serve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,15 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_workers(settings, args.workers, args.log_format, args.config)
     run_loop(serve(settings, config_path=args.config))
     return 0
-
-
-def run_loop(main_coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        asyncio.run(main_coro)
-    else:
-        uvloop.run(main_coro)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -55,6 +55,8 @@ from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient, create_client
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: the `Server` header of every answer: the product, not what it runs on
+SERVER_NAME = "llm-stream-gateway"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -83,6 +85,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_route("*", "/v1/{tail:.*}", handle)
     app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(_name_the_server)
     return app
 
 
@@ -297,6 +300,12 @@ async def list_models(request: web.Request) -> web.Response:
 
 def _dumps(obj: object) -> str:
     return orjson.dumps(obj).decode()
+
+
+async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """`Server: llm-stream-gateway`, not aiohttp's default that names Python's and its own
+    version (set before this hook runs; the head is written after it)."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:

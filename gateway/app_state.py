@@ -22,6 +22,9 @@ from .routing import Router
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
 
+#: ClientTimeouts' defaults are the configuration's (config.Settings), not a second copy
+_DEFAULTS = Settings()
+
 
 @dataclass(frozen=True, slots=True)
 class ClientTimeouts:
@@ -31,11 +34,17 @@ class ClientTimeouts:
     progress for that long, which bounds both an idle kept-alive connection and one whose
     request head never completes (the server is still waiting for the message). Keep it above
     the idle timeout of any load balancer in front (60 s for most). `body_s` bounds reading the
-    whole request body; past it the client gets 408.
+    whole request body; past it the client gets 408. Built from the configuration
+    (`ClientTimeouts.of`), and again by each SIGHUP reload (reload.py says what applies when).
     """
 
-    idle_s: float = 75.0
-    body_s: float = 60.0
+    idle_s: float = _DEFAULTS.client_idle_timeout_s
+    body_s: float = _DEFAULTS.client_body_timeout_s
+
+    @classmethod
+    def of(cls, settings: Settings) -> ClientTimeouts:
+        """The timeouts a configuration sets (`client_idle_timeout_s`, `client_body_timeout_s`)."""
+        return cls(idle_s=settings.client_idle_timeout_s, body_s=settings.client_body_timeout_s)
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 
 The raw file goes through three steps, each failing with a message that names the file and the
 key: YAML parsing, `${ENV}` expansion of string values (`${NAME:-default}` gives a default),
-then msgspec's typed decoding into the frozen structs below, followed by the cross-field checks
+then msgspec's typed decoding into the frozen structs below (every numeric bound is part of a
+field's type, so msgspec names the key it refuses), followed by the cross-field checks
 msgspec cannot express (a route naming an unknown upstream, two teams sharing a key...).
 Handlers never read the environment or the file: they get a `Settings`.
 """
@@ -14,12 +15,22 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
 
 TokenizerName = Literal["o200k_base", "cl100k_base", "chunks", "chars"]
+
+#: a duration or size that must be above zero
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+#: a duration where 0 means "not at all" (no grace, no wait, no delay)
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+#: a count or size of at least one
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+#: 0 lets the system pick a free port
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
 class ConfigError(Exception):
@@ -32,24 +43,24 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 class Listen(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Port = 8080
 
 
 class SimulatorSettings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The built-in simulator, started in-process on a loopback port (see gateway.sim)."""
 
-    chunks: int = 16
-    delay_ms: float = 20.0
-    ttft_ms: float = 50.0
+    chunks: NonNegativeInt = 16
+    delay_ms: NonNegativeFloat = 20.0
+    ttft_ms: NonNegativeFloat = 50.0
 
 
 class Upstream(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     base_url: str | None = None
     api_key: str | None = None
-    max_connections: int = 512
-    connect_timeout_s: float = 5.0
-    read_idle_timeout_s: float = 120.0
-    pool_timeout_s: float = 5.0
+    max_connections: AtLeastOne = 512
+    connect_timeout_s: PositiveFloat = 5.0
+    read_idle_timeout_s: PositiveFloat = 120.0
+    pool_timeout_s: PositiveFloat = 5.0
     usage: Literal["passthrough", "inject"] = "passthrough"
     simulator: SimulatorSettings | None = None
 
@@ -58,14 +69,15 @@ class Route(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     models: tuple[str, ...]
     upstreams: tuple[str, ...]
     tokenizer: TokenizerName = "o200k_base"
-    keepalive_comment_s: float | None = None
+    #: 0 or absent: no comments
+    keepalive_comment_s: NonNegativeFloat | None = None
     accounting: bool = True
 
 
 class TeamLimits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent_streams: int | None = None
+    requests_per_minute: AtLeastOne | None = None
+    tokens_per_minute: AtLeastOne | None = None
+    concurrent_streams: AtLeastOne | None = None
 
 
 class Team(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -80,22 +92,22 @@ class Limits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     backend: Literal["local", "redis"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
     on_backend_error: Literal["fail_open", "fail_closed"] = "fail_open"
-    max_inflight: int = 10000
-    queue_timeout_s: float = 2.0
-    write_stall_timeout_s: float = 60.0
+    max_inflight: AtLeastOne = 10000
+    queue_timeout_s: NonNegativeFloat = 2.0
+    write_stall_timeout_s: PositiveFloat = 60.0
     on_token_budget_exceeded: Literal["finish", "cut"] = "finish"
-    default_max_tokens: int = 4096
+    default_max_tokens: AtLeastOne = 4096
 
 
 class Settings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: Listen = Listen()
-    max_request_bytes: int = 16 * 1024 * 1024
-    shutdown_grace_s: float = 30.0
+    max_request_bytes: AtLeastOne = 16 * 1024 * 1024
+    shutdown_grace_s: NonNegativeFloat = 30.0
     #: a connection with no request in progress (idle keep-alive, or a request head that never
     #: completes: slowloris) is closed after this long
-    client_idle_timeout_s: float = 75.0
+    client_idle_timeout_s: PositiveFloat = 75.0
     #: the whole request body must arrive within this long, else 408
-    client_body_timeout_s: float = 60.0
+    client_body_timeout_s: PositiveFloat = 60.0
     upstreams: dict[str, Upstream] = {}
     routes: tuple[Route, ...] = ()
     teams: tuple[Team, ...] = ()
@@ -138,9 +150,34 @@ def parse_settings(text: str, environ: Mapping[str, str], source: str = "<config
     try:
         settings = msgspec.convert(expanded, Settings)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{source}: {_name_the_entry(str(exc), expanded)}") from exc
     _check(settings, source)
     return settings
+
+
+#: the mappings whose keys are names: msgspec's error says `[...]` where the name belongs
+_NAMED_ENTRIES: dict[str, type[msgspec.Struct]] = {
+    "upstreams": Upstream,
+    "model_limits": TeamLimits,
+}
+_PATH = re.compile(r"`\$((?:\.\w+|\[\d+\])*)\.(\w+)\[\.\.\.\]([^`]*)`")
+
+
+def _name_the_entry(message: str, raw: Any) -> str:
+    """Put the entry's name where msgspec wrote `[...]` (`$.upstreams.a.pool_timeout_s`)."""
+    found = _PATH.search(message)
+    if found is None or found.group(2) not in _NAMED_ENTRIES:
+        return message
+    head, field, rest = found.groups()
+    node = raw
+    for step in re.findall(r"\.(\w+)|\[(\d+)\]", head):
+        node = node[step[0]] if step[0] else node[int(step[1])]
+    for name, value in node[field].items():
+        try:
+            msgspec.convert(value, _NAMED_ENTRIES[field])
+        except msgspec.ValidationError:
+            return message.replace(found.group(0), f"`${head}.{field}.{name}{rest}`")
+    return message
 
 
 def _expand(value: Any, environ: Mapping[str, str], source: str, where: str) -> Any:
@@ -168,7 +205,6 @@ def _expand_string(value: str, environ: Mapping[str, str], source: str, where: s
 def _check(settings: Settings, source: str) -> None:
     """Cross-field rules; each error names the key."""
     problems = [*_check_upstreams(settings), *_check_routes(settings), *_check_teams(settings)]
-    problems += _check_numbers(settings)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -181,8 +217,6 @@ def _check_upstreams(settings: Settings) -> list[str]:
             problems.append(f"{where}: set exactly one of base_url or simulator")
         elif up.base_url is not None and not up.base_url.startswith(("http://", "https://")):
             problems.append(f"{where}.base_url: must start with http:// or https://")
-        if up.max_connections < 1:
-            problems.append(f"{where}.max_connections: must be at least 1")
     return problems
 
 
@@ -221,21 +255,6 @@ def _check_teams(settings: Settings) -> list[str]:
         if any(not key for key in team.keys):
             problems.append(f"{where}.keys: a key is empty (unset environment variable?)")
     return problems
-
-
-def _check_numbers(settings: Settings) -> list[str]:
-    limits = settings.limits
-    checks = {
-        "$.max_request_bytes": settings.max_request_bytes > 0,
-        "$.shutdown_grace_s": settings.shutdown_grace_s >= 0,
-        "$.client_idle_timeout_s": settings.client_idle_timeout_s > 0,
-        "$.client_body_timeout_s": settings.client_body_timeout_s > 0,
-        "$.limits.max_inflight": limits.max_inflight > 0,
-        "$.limits.queue_timeout_s": limits.queue_timeout_s >= 0,
-        "$.limits.write_stall_timeout_s": limits.write_stall_timeout_s > 0,
-        "$.limits.default_max_tokens": limits.default_max_tokens > 0,
-    }
-    return [f"{key}: must be positive" for key, ok in checks.items() if not ok]
 
 
 def team_key_digests(team: Team) -> list[str]:

@@ -1,6 +1,6 @@
 """structlog in its production setup: orjson, a buffered bytes logger, cached loggers.
 
-One canonical line per request (see middleware.request_context); no line per chunk, never a
+One canonical line per request (see gateway.app.request_context); no line per chunk, never a
 key or prompt text.
 """
 

@@ -2,7 +2,7 @@
 
 Names and labels are the contract of DESIGN.md. Labels are bounded: `team` is a configured
 team or `anonymous`, `model` is a configured model name or route pattern or `other` (see
-`routing.Router.model_label`), `code`, `reason`, `limit` and `type` come from fixed sets.
+`routing.RouteMatch.label`), `code`, `reason`, `limit` and `type` come from fixed sets.
 Tests build a fresh `CollectorRegistry` each; the app builds one per process.
 """
 

@@ -5,7 +5,8 @@
                                    upstreams (simulators started), a limiter if the `limits`
                                    backend changed, a gate if max_inflight/queue_timeout_s did;
                                    any failure here rejects the file as well
-      -> swap, with no await       settings, router, auth, tokenizers, upstreams, limiter, gate
+      -> swap, with no await       settings, router, auth, tokenizers, upstreams, limiter, gate,
+                                   client timeouts
       -> retire, later             clients of removed or changed upstreams and a replaced
                                    limiter close once the requests that started before the
                                    swap have ended
@@ -14,6 +15,14 @@ A request reads the configuration when it is admitted; one that is already strea
 route, its upstream connection and its limits admission, so a reload never drops a stream.
 Team limits are looked up by team name, so a team's budget so far is kept. What needs a
 restart: `listen` (the socket is bound; the new file's value is ignored).
+
+The client timeouts: `client_body_timeout_s` applies to every request that starts reading its
+body after the swap. `client_idle_timeout_s` applies to connections accepted after the swap; a
+connection already open keeps the idle timeout it was accepted with until it closes (aiohttp
+copies it into each connection's handler when the connection is made). aiohttp has no public
+way to change it on a running server: `_set_idle_timeout` writes the one private attribute it
+reads it from, and if a release removes that attribute the reload logs `reload_partial` and
+the new idle timeout applies from the next restart.
 
 Removed upstreams stay in `Components.upstreams` until they are retired: a request that was
 routed by the old configuration may still look its upstream up by name, and no new route can
@@ -33,7 +42,7 @@ import structlog
 from aiohttp import web
 
 from .app import SIM_RUNNERS, start_upstream
-from .app_state import COMPONENTS, Components
+from .app_state import COMPONENTS, ClientTimeouts, Components
 from .auth import Authenticator
 from .config import ConfigError, Settings, load_settings
 from .limits import InflightGate, Limiter, create_limiter
@@ -74,14 +83,14 @@ class _Retiring:
 
 
 class Reloader:
-    """Reloads `path` into `app`'s Components; SIGHUP calls `trigger`.
+    """Reloads `path` into the running app's Components; SIGHUP calls `trigger`.
 
     Reloads run one at a time: a SIGHUP during a reload runs one more after it, so the last
     signal always sees the file as it was when it was sent.
     """
 
-    def __init__(self, app: web.Application, path: str | Path) -> None:
-        self.app, self.path = app, Path(path)
+    def __init__(self, runner: web.AppRunner, path: str | Path) -> None:
+        self.runner, self.app, self.path = runner, runner.app, Path(path)
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._retiring: dict[asyncio.Task[None], _Retiring] = {}
@@ -141,6 +150,7 @@ class Reloader:
         old_limiter = comp.limiter if built.limiter is not None else None
         comp.limiter = built.limiter or comp.limiter
         comp.inflight = built.gate or comp.inflight
+        self._apply_timeouts(comp, ClientTimeouts.of(new))
         retiring = _Retiring(replaced, old_limiter)
         task = asyncio.create_task(self._retire(comp, before, removed, retiring))
         self._retiring[task] = retiring
@@ -157,6 +167,17 @@ class Reloader:
         )
         if not new.auth_enabled:
             log.warning("auth_disabled", reason="no teams configured: every request is anonymous")
+
+    def _apply_timeouts(self, comp: Components, timeouts: ClientTimeouts) -> None:
+        """The body timeout for new requests; the idle timeout for new connections."""
+        changed = timeouts.idle_s != comp.timeouts.idle_s
+        comp.timeouts = timeouts
+        if changed and not _set_idle_timeout(self.runner.server, timeouts.idle_s):
+            log.warning(
+                "reload_partial",
+                key="client_idle_timeout_s",
+                reason="this aiohttp cannot change it on a running server: applies on restart",
+            )
 
     async def _retire(
         self,
@@ -226,3 +247,18 @@ async def _build(comp: Components, built: _Built) -> None:
         built.limiter = create_limiter(*backend)
     if (limits.max_inflight, limits.queue_timeout_s) != (was.max_inflight, was.queue_timeout_s):
         built.gate = InflightGate(limits.max_inflight, limits.queue_timeout_s)
+
+
+def _set_idle_timeout(server: web.Server | None, idle_s: float) -> bool:
+    """Make connections that `server` accepts from now on close after idle_s with no request.
+
+    aiohttp's public API sets the keep-alive timeout once, when the runner is built: each new
+    connection's `RequestHandler` takes it from the keyword arguments the `web.Server` keeps in
+    its private `_kwargs`. Whether that is still so is pinned by a canary test
+    (tests/reliability/test_reload.py); False when it is not (nothing was changed).
+    """
+    kwargs = getattr(server, "_kwargs", None)
+    if not isinstance(kwargs, dict) or "keepalive_timeout" not in kwargs:
+        return False
+    kwargs["keepalive_timeout"] = idle_s
+    return True

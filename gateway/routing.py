@@ -7,8 +7,6 @@ from fnmatch import fnmatchcase
 
 from .config import Route, Settings
 
-OTHER_MODEL = "other"
-
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
@@ -37,12 +35,6 @@ class Router:
             if not literal and fnmatchcase(model, pattern):
                 return RouteMatch(route, pattern)
         return None
-
-    def model_label(self, model: str | None) -> str:
-        if model is None:
-            return OTHER_MODEL
-        found = self.match(model)
-        return found.label if found else OTHER_MODEL
 
     def listed_models(self) -> list[str]:
         """The model ids `GET /v1/models` shows: every exact name and every pattern, in order."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .app import create_app
+from .app import SERVER_NAME, create_app
 from .app_state import COMPONENTS, ClientTimeouts
 from .config import Settings
 from .reload import Reloader
@@ -42,9 +44,8 @@ async def start_server(
     timeouts: ClientTimeouts | None = None,
 ) -> web.AppRunner:
     """Build the app and listen; the bound port is `bound_port(runner)` (the config may say 0)."""
-    timeouts = timeouts or ClientTimeouts(
-        idle_s=settings.client_idle_timeout_s, body_s=settings.client_body_timeout_s
-    )
+    timeouts = timeouts or ClientTimeouts.of(settings)
+    _name_aiohttp_own_answers()
     app = create_app(settings, registry, exposition)
     runner = web.AppRunner(
         app,
@@ -60,6 +61,24 @@ async def start_server(
     await site.start()
     log.info("listening", host=host, port=bound_port(runner), upstreams=sorted(settings.upstreams))
     return runner
+
+
+def _name_aiohttp_own_answers() -> bool:
+    """`Server: SERVER_NAME` on the answers aiohttp writes itself, not only the app's.
+
+    Every answer of the app gets it from app._name_the_server (`on_response_prepare`); a
+    request aiohttp cannot parse is answered (400) before any route matched, so no hook of the
+    app runs and aiohttp's default names Python's version and its own. That default is the
+    private module global `aiohttp.web_response.SERVER_SOFTWARE`, replaced here for the
+    process; False (nothing changed) when a release no longer has it, which
+    tests/core/test_server_header.py notices.
+    """
+    from aiohttp import web_response
+
+    if not isinstance(getattr(web_response, "SERVER_SOFTWARE", None), str):
+        return False
+    web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
+    return True
 
 
 def bound_port(runner: web.AppRunner) -> int:
@@ -110,7 +129,7 @@ async def serve(
     signals = [signal.SIGTERM, signal.SIGINT]
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    reloader = Reloader(runner.app, config_path) if config_path is not None else None
+    reloader = Reloader(runner, config_path) if config_path is not None else None
     # without a file to read, SIGHUP is logged and ignored (its default action would kill us)
     loop.add_signal_handler(signal.SIGHUP, reloader.trigger if reloader else _no_reload)
     signals.append(signal.SIGHUP)
@@ -124,6 +143,16 @@ async def serve(
         await drain(runner, runner.app[COMPONENTS].settings.shutdown_grace_s)
         if reloader is not None:
             await reloader.aclose()  # what a reload replaced, once its last stream ended
+
+
+def run_loop(main_coro: Coroutine[Any, Any, None]) -> None:
+    """Run `main_coro` (`serve(...)`) to the end on uvloop, or asyncio's loop without it."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(main_coro)
+    else:
+        uvloop.run(main_coro)
 
 
 def settle_heap() -> None:

@@ -16,9 +16,11 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import tiktoken
+
+from .config import TokenizerName
 
 
 class Tokenizer(Protocol):
@@ -155,7 +157,8 @@ class CharsTokenizer:
         return (len(text) + 3) // 4
 
 
-TOKENIZER_NAMES = ("o200k_base", "cl100k_base", "chunks", "chars")
+#: every name a route's `tokenizer` may take (config.TokenizerName, the one list)
+TOKENIZER_NAMES: tuple[str, ...] = get_args(TokenizerName)
 
 
 def load_tokenizer(name: str) -> Tokenizer:

@@ -59,9 +59,8 @@ def _worker(
     """One worker process: its own loop, its own pools, the shared port, shared metrics."""
     from prometheus_client import CollectorRegistry, multiprocess
 
-    from .__main__ import run_loop
     from .logs import configure_logging
-    from .server import serve
+    from .server import run_loop, serve
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
     configure_logging(log_format)

@@ -17,9 +17,9 @@ from structlog.testing import capture_logs
 
 from gateway.app import SIM_RUNNERS
 from gateway.config import load_settings
-from gateway.reload import Reloader
+from gateway.reload import Reloader, _set_idle_timeout
 
-from .helpers import chat, eventually, gateway, post, settled, sim_settings
+from .helpers import chat, eventually, gateway, port_of, post, settled, sim_settings
 from .process import GatewayProcess, gateway_process, write_yaml
 
 ALPHA_KEY, BETA_KEY = "sk-alpha-7c1e", "sk-beta-93d0"
@@ -141,7 +141,7 @@ async def test_an_unreadable_or_invalid_file_is_rejected_and_the_old_configurati
 ) -> None:
     path = tmp_path / "gateway.yaml"
     async with gateway(sim_settings()) as gw:
-        reloader = Reloader(gw.runner.app, path)
+        reloader = Reloader(gw.runner, path)
         comp = gw.components
         before = (comp.settings, comp.router, comp.auth, dict(comp.upstreams), comp.limiter)
         with capture_logs() as logs:
@@ -172,7 +172,7 @@ async def test_unchanged_pools_are_kept_new_ones_made_removed_ones_closed_after_
     await write_yaml(path, first)
     settings = await asyncio.to_thread(load_settings, path)
     async with gateway(settings) as gw:
-        reloader = Reloader(gw.runner.app, path)
+        reloader = Reloader(gw.runner, path)
         comp = gw.components
         kept, removed = comp.upstreams["sim"], comp.upstreams["spare"]
         started = asyncio.Event()
@@ -200,7 +200,7 @@ async def test_a_reload_that_changes_the_inflight_bounds_leaves_the_old_gate_who
 ) -> None:
     path = tmp_path / "gateway.yaml"
     async with gateway(sim_settings()) as gw:
-        reloader = Reloader(gw.runner.app, path)
+        reloader = Reloader(gw.runner, path)
         old_gate = gw.components.inflight
         started = asyncio.Event()
         running = asyncio.create_task(slow_stream(gw.url, "any", started))
@@ -215,3 +215,56 @@ async def test_a_reload_that_changes_the_inflight_bounds_leaves_the_old_gate_who
     assert answer.status == 200
     assert new_gate is not old_gate and new_gate.max_inflight == 3
     assert old_gate.inflight == 0 and new_gate.inflight == 0
+
+
+async def test_a_reload_applies_new_client_timeouts_to_new_requests_and_connections(
+    tmp_path: Path,
+) -> None:
+    """Both slowloris bounds are reread: a body slower than the new body timeout gets 408, and
+    a connection opened after the reload that sends nothing is closed after the new idle
+    timeout (the defaults, 60 s and 75 s, would outlast the test's guard)."""
+    path = tmp_path / "gateway.yaml"
+    async with gateway(sim_settings()) as gw:
+        reloader = Reloader(gw.runner, path)
+        await write_yaml(
+            path,
+            {
+                **upstream_config(sim=sim()),
+                "client_body_timeout_s": 0.3,
+                "client_idle_timeout_s": 0.3,
+            },
+        )
+        assert await reloader.reload()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+        body = chat()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]  # the rest never comes
+        )
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            closed = await idle_reader.read()  # EOF: the server closed the idle connection
+        for each in (writer, idle_writer):
+            each.close()
+        await reloader.aclose()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert closed == b""
+
+
+async def test_canary_aiohttp_still_takes_a_new_connections_idle_timeout_from_server_kwargs() -> (
+    None
+):
+    """The one private attribute a reload writes (`web.Server._kwargs["keepalive_timeout"]`):
+    when a release moves it, this fails by name and a reload logs `reload_partial`."""
+    async with gateway(sim_settings()) as gw:
+        assert _set_idle_timeout(gw.runner.server, 12.5)
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+        server = gw.runner.server
+        assert server is not None
+        await eventually(lambda: bool(server.connections))
+        (handler,) = server.connections
+        writer.close()
+    assert handler.keepalive_timeout == 12.5  # public read-only property of the connection
+    assert not _set_idle_timeout(None, 1.0)
