@@ -20,6 +20,12 @@ renames one. Where aiohttp offers a public way, the fallback takes it:
   off, the prepared head waits and leaves with the first body write, as for aiohttp's own
   `web.Response`. `head_with_first_write` turns it off only where it exists; without it the
   head goes out alone at `prepare()` (one more segment, the same bytes).
+- `web.Server._kwargs["keepalive_timeout"]`: what each new connection's idle timeout is
+  taken from; `set_idle_timeout` changes it for a SIGHUP reload (no public way exists; without
+  it the new value applies at restart).
+- `aiohttp.web_response.SERVER_SOFTWARE`: the `Server` header of the answers aiohttp writes
+  itself (a request it cannot parse); `name_own_answers` replaces it (without it those few
+  answers keep aiohttp's default).
 - `StreamReader._buffer` and `_http_chunk_splits` (slots): `park_buffer` swaps a fully read
   request body's empty deques for one shared `PARKED` deque. Without them it does nothing
   (about 1.5 KB more per long stream).
@@ -111,3 +117,36 @@ def park_buffer(reader: StreamReader) -> None:
         return
     setattr(reader, buffer_name, PARKED)
     setattr(reader, splits_name, None)
+
+
+def set_idle_timeout(server: web.Server | None, idle_s: float) -> bool:
+    """Make connections that `server` accepts from now on close after idle_s with no request.
+
+    aiohttp's public API sets the keep-alive timeout once, when the runner is built: each new
+    connection's `RequestHandler` takes it from the keyword arguments the `web.Server` keeps in
+    its private `_kwargs`. Whether that is still so is pinned by a canary test
+    (tests/reliability/test_reload.py); False when it is not (nothing was changed).
+    """
+    kwargs = getattr(server, "_kwargs", None)
+    if not isinstance(kwargs, dict) or "keepalive_timeout" not in kwargs:
+        return False
+    kwargs["keepalive_timeout"] = idle_s
+    return True
+
+
+def name_own_answers(name: str) -> bool:
+    """`Server: <name>` on the answers aiohttp writes itself, not only the app's.
+
+    Every answer of the app gets it from app._name_the_server (`on_response_prepare`); a
+    request aiohttp cannot parse is answered (400) before any route matched, so no hook of the
+    app runs and aiohttp's default names Python's version and its own. That default is the
+    private module global `aiohttp.web_response.SERVER_SOFTWARE`, replaced here for the
+    process; False (nothing changed) when a release no longer has it, which
+    tests/core/test_server_header.py notices.
+    """
+    from aiohttp import web_response
+
+    if not isinstance(getattr(web_response, "SERVER_SOFTWARE", None), str):
+        return False
+    web_response.SERVER_SOFTWARE = name  # type: ignore[attr-defined]
+    return True

@@ -20,9 +20,9 @@ The client timeouts: `client_body_timeout_s` applies to every request that start
 body after the swap. `client_idle_timeout_s` applies to connections accepted after the swap; a
 connection already open keeps the idle timeout it was accepted with until it closes (aiohttp
 copies it into each connection's handler when the connection is made). aiohttp has no public
-way to change it on a running server: `_set_idle_timeout` writes the one private attribute it
-reads it from, and if a release removes that attribute the reload logs `reload_partial` and
-the new idle timeout applies from the next restart.
+way to change it on a running server: `aiohttp_private.set_idle_timeout` writes the one
+private attribute it reads it from, and if a release removes that attribute the reload logs
+`reload_partial` and the new idle timeout applies from the next restart.
 
 Removed upstreams stay in `Components.upstreams` until they are retired: a request that was
 routed by the old configuration may still look its upstream up by name, and no new route can
@@ -41,6 +41,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from .aiohttp_private import set_idle_timeout
 from .app import SIM_RUNNERS, start_upstream
 from .app_state import COMPONENTS, ClientTimeouts, Components
 from .auth import Authenticator
@@ -172,7 +173,7 @@ class Reloader:
         """The body timeout for new requests; the idle timeout for new connections."""
         changed = timeouts.idle_s != comp.timeouts.idle_s
         comp.timeouts = timeouts
-        if changed and not _set_idle_timeout(self.runner.server, timeouts.idle_s):
+        if changed and not set_idle_timeout(self.runner.server, timeouts.idle_s):
             log.warning(
                 "reload_partial",
                 key="client_idle_timeout_s",
@@ -247,18 +248,3 @@ async def _build(comp: Components, built: _Built) -> None:
         built.limiter = create_limiter(*backend)
     if (limits.max_inflight, limits.queue_timeout_s) != (was.max_inflight, was.queue_timeout_s):
         built.gate = InflightGate(limits.max_inflight, limits.queue_timeout_s)
-
-
-def _set_idle_timeout(server: web.Server | None, idle_s: float) -> bool:
-    """Make connections that `server` accepts from now on close after idle_s with no request.
-
-    aiohttp's public API sets the keep-alive timeout once, when the runner is built: each new
-    connection's `RequestHandler` takes it from the keyword arguments the `web.Server` keeps in
-    its private `_kwargs`. Whether that is still so is pinned by a canary test
-    (tests/reliability/test_reload.py); False when it is not (nothing was changed).
-    """
-    kwargs = getattr(server, "_kwargs", None)
-    if not isinstance(kwargs, dict) or "keepalive_timeout" not in kwargs:
-        return False
-    kwargs["keepalive_timeout"] = idle_s
-    return True

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .aiohttp_private import name_own_answers
 from .app import SERVER_NAME, create_app
 from .app_state import COMPONENTS, ClientTimeouts
 from .config import Settings
@@ -45,7 +46,7 @@ async def start_server(
 ) -> web.AppRunner:
     """Build the app and listen; the bound port is `bound_port(runner)` (the config may say 0)."""
     timeouts = timeouts or ClientTimeouts.of(settings)
-    _name_aiohttp_own_answers()
+    name_own_answers(SERVER_NAME)
     app = create_app(settings, registry, exposition)
     runner = web.AppRunner(
         app,
@@ -61,24 +62,6 @@ async def start_server(
     await site.start()
     log.info("listening", host=host, port=bound_port(runner), upstreams=sorted(settings.upstreams))
     return runner
-
-
-def _name_aiohttp_own_answers() -> bool:
-    """`Server: SERVER_NAME` on the answers aiohttp writes itself, not only the app's.
-
-    Every answer of the app gets it from app._name_the_server (`on_response_prepare`); a
-    request aiohttp cannot parse is answered (400) before any route matched, so no hook of the
-    app runs and aiohttp's default names Python's version and its own. That default is the
-    private module global `aiohttp.web_response.SERVER_SOFTWARE`, replaced here for the
-    process; False (nothing changed) when a release no longer has it, which
-    tests/core/test_server_header.py notices.
-    """
-    from aiohttp import web_response
-
-    if not isinstance(getattr(web_response, "SERVER_SOFTWARE", None), str):
-        return False
-    web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
-    return True
 
 
 def bound_port(runner: web.AppRunner) -> int:

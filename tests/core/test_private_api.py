@@ -299,6 +299,8 @@ FENCED = frozenset(
         aiohttp_private.PROTOCOL_PAUSED,
         aiohttp_private.SEND_HEADERS_IMMEDIATELY,
         *aiohttp_private.READER_BUFFERS,
+        "_kwargs",
+        "SERVER_SOFTWARE",
         *prometheus_private.HISTOGRAM_PARTS,
     }
 )

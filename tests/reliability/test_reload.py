@@ -15,9 +15,10 @@ from typing import Any
 import aiohttp
 from structlog.testing import capture_logs
 
+from gateway.aiohttp_private import set_idle_timeout
 from gateway.app import SIM_RUNNERS
 from gateway.config import load_settings
-from gateway.reload import Reloader, _set_idle_timeout
+from gateway.reload import Reloader
 
 from .helpers import chat, eventually, gateway, port_of, post, settled, sim_settings
 from .process import GatewayProcess, gateway_process, write_yaml
@@ -259,7 +260,7 @@ async def test_canary_aiohttp_still_takes_a_new_connections_idle_timeout_from_se
     """The one private attribute a reload writes (`web.Server._kwargs["keepalive_timeout"]`):
     when a release moves it, this fails by name and a reload logs `reload_partial`."""
     async with gateway(sim_settings()) as gw:
-        assert _set_idle_timeout(gw.runner.server, 12.5)
+        assert set_idle_timeout(gw.runner.server, 12.5)
         _, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
         server = gw.runner.server
         assert server is not None
@@ -267,4 +268,4 @@ async def test_canary_aiohttp_still_takes_a_new_connections_idle_timeout_from_se
         (handler,) = server.connections
         writer.close()
     assert handler.keepalive_timeout == 12.5  # public read-only property of the connection
-    assert not _set_idle_timeout(None, 1.0)
+    assert not set_idle_timeout(None, 1.0)
