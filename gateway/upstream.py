@@ -112,6 +112,9 @@ def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClien
         base_url,
         connect_timeout_s=settings.connect_timeout_s,
         idle_timeout_s=settings.read_idle_timeout_s,
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read here once: never per request; the
+        # built-in simulator listens on this host's loopback, which no proxy can reach
+        proxy=upstream_http.environment_proxy(base_url) if settings.simulator is None else None,
     )
     return UpstreamClient(name=name, settings=settings, base_url=URL(base_url), pool=pool)
 
