@@ -21,7 +21,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import ExitStack, asynccontextmanager, contextmanager
@@ -1040,10 +1039,8 @@ async def test_head_that_never_comes_is_idle_timeout() -> None:
         await peer.until_client_closes()
 
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
-        start = time.perf_counter()
-        with pytest.raises(IdleTimeout):
+        with pytest.raises(IdleTimeout, match=r"no byte for 0\.2 s, waiting for the answer's head"):
             await pool.request("GET", "/", [])
-        assert 0.15 <= time.perf_counter() - start < 1.0
         await closed_by_client(srv.peers[0])
         assert pool.open_connections == 0
 
@@ -1058,18 +1055,20 @@ async def test_body_that_stalls_is_idle_timeout(consumer: str) -> None:
 
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
         response = await pool.request("GET", "/", [])
+        error: BaseException | None
         if consumer == "read_any":
             assert await read_at_least(response, 10) == b"0123456789"
-            start = time.perf_counter()
-            with pytest.raises(IdleTimeout):
+            with pytest.raises(IdleTimeout) as raised:
                 await response.read_any()
+            error = raised.value
         else:
             collector = Collector()
-            start = time.perf_counter()
             collector.tap(response)
-            assert isinstance(await collector.finished(), IdleTimeout)
+            error = await collector.finished()
             assert collector.body == b"0123456789"
-        assert 0.1 <= time.perf_counter() - start < 1.0
+            assert collector.end_calls == [error]
+        assert isinstance(error, IdleTimeout)
+        assert "waiting for more of the body" in str(error)
         response.release()
         await closed_by_client(srv.peers[0])
 
@@ -1085,12 +1084,13 @@ async def test_slow_but_steady_body_is_not_idle_timeout() -> None:
         await peer.send(*(chunk(p) for p in pieces), b"0\r\n\r\n", pause_s=0.07)
         await peer.until_client_closes()
 
+    # the server's pauses (asyncio.sleep never returns early) add up to 0.35 s: longer than
+    # idle_timeout_s in total, each shorter
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
-        start = time.perf_counter()
         response = await pool.request("GET", "/", [])
         assert await read_all(response) == b"".join(pieces)
-        assert time.perf_counter() - start > 0.3  # longer than idle_timeout_s in total
         response.release()
+        assert pool.idle_connections == 1
 
 
 @on_both_loops
@@ -1137,9 +1137,17 @@ async def test_paused_longer_than_idle_timeout_does_not_time_out() -> None:
 
 @on_both_loops
 async def test_idle_timeout_runs_again_after_resume() -> None:
+    """Resuming restarts the idle deadline from the resume, not from the last read (0.3 s
+    before it): bytes the upstream sends half a timeout after the resume still arrive, and
+    a silence after them is an idle timeout again."""
+    resumed = asyncio.Event()
+
     async def handler(peer: Peer) -> None:
         await peer.read_request()
         await peer.send(head(headers=[("Content-Length", "100")]) + b"0123456789")
+        await resumed.wait()
+        await asyncio.sleep(0.1)  # half the idle timeout after the resume
+        await peer.send(b"more")
         await peer.until_client_closes()
 
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
@@ -1150,10 +1158,10 @@ async def test_idle_timeout_runs_again_after_resume() -> None:
         response.pause_reading()
         await asyncio.sleep(0.3)  # longer than idle_timeout_s
         assert not collector.ended.done(), collector.end_calls
-        start = time.perf_counter()
         response.resume_reading()
+        resumed.set()
         assert isinstance(await collector.finished(), IdleTimeout)
-        assert 0.15 <= time.perf_counter() - start < 1.0
+        assert collector.body == b"0123456789more"
         response.release()
         await closed_by_client(srv.peers[0])
 
@@ -1265,10 +1273,8 @@ async def test_tls_handshake_that_never_completes_is_connect_failed() -> None:
     async with serving(handler) as srv:
         srv.scheme, srv.host = "https", "localhost"
         async with pool_for(srv, connect_timeout_s=0.3) as pool:
-            start = time.perf_counter()
-            with pytest.raises(ConnectFailed):
+            with pytest.raises(ConnectFailed, match=r"took over 0\.3 s"):  # the timeout, no other
                 await pool.request("GET", "/", [])
-            assert 0.25 <= time.perf_counter() - start < 1.5
             await closed_by_client(srv.peers[0])
             assert pool.open_connections == 0
 
@@ -1277,10 +1283,9 @@ async def test_tls_handshake_that_never_completes_is_connect_failed() -> None:
 async def test_refused_connection_is_connect_failed() -> None:
     pool = Pool(f"http://127.0.0.1:{closed_port()}", connect_timeout_s=1.0, idle_timeout_s=1.0)
     try:
-        start = time.perf_counter()
-        with pytest.raises(ConnectFailed):
+        # reported as the refusal it is, not waited out into the connect timeout
+        with pytest.raises(ConnectFailed, match="ConnectionRefusedError"):
             await pool.request("GET", "/", [])
-        assert time.perf_counter() - start < 0.9
         assert pool.open_connections == 0
     finally:
         await pool.aclose()
@@ -1554,10 +1559,8 @@ async def test_endless_head_is_cut_off(case: str) -> None:
             outcome.set_result(("sent everything", sent))
 
     async with serving(handler) as srv, pool_for(srv) as pool:
-        begin = time.perf_counter()
-        with pytest.raises(ProtocolViolation):
+        with pytest.raises(ProtocolViolation, match=f"over {HEAD_LIMIT} bytes"):
             await pool.request("GET", "/", [])
-        assert time.perf_counter() - begin < 1.5
         how, sent = await asyncio.wait_for(outcome, 2.0)
         assert how == "cut off"
         assert sent < 16 << 20
