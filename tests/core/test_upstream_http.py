@@ -1912,3 +1912,12 @@ def test_environment_proxy_follows_the_proxy_variables(
         "http": for_http,
         "https": for_https,
     }
+
+
+@pytest.mark.parametrize(
+    "proxy", ["https://u:secret@proxy.test:443", "socks5://u:secret@proxy.test"]
+)
+def test_a_proxy_other_than_http_is_refused_without_its_password(proxy: str) -> None:
+    with pytest.raises(ValueError, match="not an http:// proxy URL") as raised:
+        Pool("https://upstream.test", connect_timeout_s=1.0, idle_timeout_s=1.0, proxy=proxy)
+    assert "secret" not in str(raised.value)
