@@ -30,13 +30,12 @@ from . import upstream_http
 from .errors import (
     GatewayError,
     RateLimitExceeded,
-    UpstreamError,
-    UpstreamTimeout,
     drop_tracebacks,
     sse_error_event,
 )
 from .relay_tap import TapEnd, tap
 from .sse import ServerSentEvent, SSEDecoder, ends_frame
+from .upstream import gateway_error_for
 
 #: past this many bytes waiting in the client's socket buffer, a write may block: bound it
 STALL_CHECK_BYTES = 64 * 1024
@@ -230,16 +229,7 @@ async def _read(content: upstream_http.Response) -> bytes:
 
 def _upstream_failed(exc: upstream_http.H1Error) -> _Ended:
     """How an upstream body read fails mid-stream: the idle timeout, or a break of any kind."""
-    error: GatewayError
-    if isinstance(exc, upstream_http.IdleTimeout):
-        error = UpstreamTimeout(
-            "The upstream went silent in the middle of the stream.", reason="idle_timeout"
-        )
-    else:
-        error = UpstreamError(
-            f"The upstream broke off the stream ({exc.__class__.__name__}).", reason="reset"
-        )
-    return _Ended("upstream_error", error)
+    return _Ended("upstream_error", gateway_error_for(exc, "stream"))
 
 
 def _budget_error() -> GatewayError:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, NoReturn
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -111,6 +112,9 @@ def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClien
         base_url,
         connect_timeout_s=settings.connect_timeout_s,
         idle_timeout_s=settings.read_idle_timeout_s,
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read here once: never per request; the
+        # built-in simulator listens on this host's loopback, which no proxy can reach
+        proxy=upstream_http.environment_proxy(base_url) if settings.simulator is None else None,
     )
     return UpstreamClient(name=name, settings=settings, base_url=URL(base_url), pool=pool)
 
@@ -251,24 +255,8 @@ async def _send(client: UpstreamClient, request: UpstreamRequest) -> upstream_ht
     headers = client.headers_for(request.headers, request.request_id)
     try:
         return await client.pool.request(request.method, target, headers, request.body_for(client))
-    except upstream_http.IdleTimeout:
-        raise UpstreamTimeout(
-            f"upstream {client.name!r} sent no answer in time", reason="idle_timeout"
-        ) from None
-    except upstream_http.ConnectFailed as exc:
-        # the class only: the client must not learn the upstream's address
-        error = UpstreamError(f"upstream {client.name!r} is unreachable: {exc.__class__.__name__}")
-        raise _Retryable(error) from exc
-    except upstream_http.Disconnected as exc:
-        error = UpstreamError(
-            f"upstream {client.name!r} closed the connection before answering", reason="reset"
-        )
-        raise _Retryable(error) from exc
-    except (upstream_http.ProtocolViolation, ValueError) as exc:
-        error = UpstreamError(
-            f"upstream {client.name!r} failed: {exc.__class__.__name__}", reason="protocol"
-        )
-        raise _Retryable(error) from exc
+    except (upstream_http.H1Error, ValueError) as exc:  # ValueError: a head it refused to send
+        _fail_before_first_byte(exc, client.name, "send")
 
 
 def _check_status(opened: Opened, is_last: bool) -> None:
@@ -289,15 +277,54 @@ async def _first_chunk(opened: Opened) -> bytes:
     """Read until the first body bytes (or the end of an empty body)."""
     try:
         return await opened.response.read_any()
-    except upstream_http.IdleTimeout:
-        raise UpstreamTimeout(
-            f"upstream {opened.upstream.name!r} sent no body in time", reason="idle_timeout"
-        ) from None
     except upstream_http.H1Error as exc:
-        error = UpstreamError(
-            f"upstream {opened.upstream.name!r} broke off before the body", reason="reset"
+        _fail_before_first_byte(exc, opened.upstream.name, "first_chunk")
+
+
+Phase = Literal["send", "first_chunk", "stream"]
+
+
+def gateway_error_for(exc: Exception, phase: Phase, upstream_name: str = "") -> GatewayError:
+    """The gateway's error for an exchange with an upstream that failed (`exc`: an
+    `upstream_http.H1Error`, or the ValueError of a request head the pool refused to send).
+
+    `phase`: "send" until the answer's head arrived, "first_chunk" until its first body
+    bytes, "stream" after (the relay; its messages do not name the upstream). The one place
+    that says which message, reason label and status each failure gets; whether it may fail
+    over is the caller's (`_fail_before_first_byte`: all but a timeout).
+    """
+    name = repr(upstream_name)
+    if isinstance(exc, upstream_http.IdleTimeout):
+        if phase == "send":
+            message = f"upstream {name} sent no answer in time"
+        elif phase == "first_chunk":
+            message = f"upstream {name} sent no body in time"
+        else:
+            message = "The upstream went silent in the middle of the stream."
+        return UpstreamTimeout(message, reason="idle_timeout")
+    if phase == "stream":
+        return UpstreamError(
+            f"The upstream broke off the stream ({exc.__class__.__name__}).", reason="reset"
         )
-        raise _Retryable(error) from exc
+    if phase == "first_chunk":
+        return UpstreamError(f"upstream {name} broke off before the body", reason="reset")
+    if isinstance(exc, upstream_http.ConnectFailed):
+        # the class only: the client must not learn the upstream's address
+        return UpstreamError(f"upstream {name} is unreachable: {exc.__class__.__name__}")
+    if isinstance(exc, upstream_http.Disconnected):
+        return UpstreamError(
+            f"upstream {name} closed the connection before answering", reason="reset"
+        )
+    return UpstreamError(f"upstream {name} failed: {exc.__class__.__name__}", reason="protocol")
+
+
+def _fail_before_first_byte(exc: Exception, upstream_name: str, phase: Phase) -> NoReturn:
+    """A failure before the client got any byte: the next upstream may serve, unless this
+    one timed out (not retried: another wait as long would be worse)."""
+    error = gateway_error_for(exc, phase, upstream_name)
+    if isinstance(error, UpstreamTimeout):
+        raise error from None
+    raise _Retryable(error) from exc
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -13,8 +13,15 @@ What it does, and nothing more:
 * one `Pool` per upstream origin: idle connections kept `keepalive_s` and reused last-in
   first-out; `Pool.request` retries once on a new connection when a reused one closes before
   any byte of the answer (the upstream dropped an idle keep-alive connection);
-* TCP or TLS connect within `connect_timeout_s`; a host name's addresses are looked up once
-  per `DNS_TTL_S` (one lookup shared by a burst of new connections), then tried in order;
+* TCP or TLS connect within `connect_timeout_s` (the lookup, every attempt and the TLS
+  handshake together); a host name's addresses are looked up once per `DNS_TTL_S` (one
+  lookup shared by a burst of new connections), then tried with Happy Eyeballs (RFC 8305,
+  the loop's own `staggered_race`, as `loop.create_connection(happy_eyeballs_delay=...)`):
+  address families interleaved, the next address tried `HAPPY_EYEBALLS_DELAY_S` after the
+  previous one started or at once when it failed, the first to connect wins;
+* an HTTP proxy (`proxy`, e.g. from `environment_proxy`): the connection is a CONNECT
+  tunnel through it, for http and https upstreams alike (TLS runs inside the tunnel), with
+  `Proxy-Authorization: Basic` from the proxy URL's user and password;
 * bodies framed by Content-Length, chunked, or the connection's close; HEAD, 1xx, 204 and
   304 answers; gzip and deflate bodies decoded;
 * one idle deadline per exchange (`idle_timeout_s` without a byte, for the head or the body),
@@ -32,11 +39,14 @@ The pool's size is bounded by the caller (`UpstreamClient.slots`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
+import functools
 import ipaddress
 import socket
 import ssl
+import urllib.request
 import zlib
+from asyncio.staggered import staggered_race
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +59,9 @@ HIGH_WATER = 64 * 1024
 KEEPALIVE_S = 30.0
 #: how long a host name's addresses are reused for new connections (aiohttp's default too)
 DNS_TTL_S = 10.0
+#: Happy Eyeballs: how long one address has before the next is tried too (RFC 8305's and
+#: aiohttp's connector's 250 ms)
+HAPPY_EYEBALLS_DELAY_S = 0.25
 #: methods whose request carries a Content-Length even when the body is empty
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -56,6 +69,8 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _JOINED_BODY_BYTES = 16 * 1024
 
 Sink = Callable[[bytes], None]
+#: an address to connect to: (family, socket address)
+Address = tuple[int, tuple[Any, ...]]
 OnEnd = Callable[[BaseException | None], None]
 
 
@@ -90,6 +105,7 @@ class Pool:
         idle_timeout_s: float | None,
         keepalive_s: float = KEEPALIVE_S,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: str | URL | None = None,
     ) -> None:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
@@ -108,10 +124,21 @@ class Pool:
         self._idle: list[Connection] = []
         self._live: set[Connection] = set()
         self.closed = False
-        #: the upstream's addresses: fixed for an IP literal, else looked up (see _addresses)
-        self._addresses_until = float("inf") if _is_ip(url.host) else 0.0
-        self._address_list: list[tuple[str, int]] = [(url.host, self.port)]
-        self._lookup: asyncio.Task[list[tuple[str, int]]] | None = None
+        #: what a connection dials: the upstream, or the proxy that tunnels to it
+        self._tunnel: bytes | None = None
+        dial_host, dial_port = self.host, self.port
+        if proxy is not None:
+            proxy_url = URL(proxy)
+            if proxy_url.scheme != "http" or not proxy_url.host:
+                raise ValueError(f"not an http:// proxy URL: {proxy_url.with_password(None)}")
+            dial_host, dial_port = proxy_url.host, proxy_url.port or 80
+            self._tunnel = _connect_head(url.host, self.port, proxy_url)
+        self._dial = (dial_host, dial_port)
+        #: the dialled host's addresses: fixed for an IP literal, else looked up (_addresses)
+        literal = _ip_address(dial_host, dial_port)
+        self._addresses_until = float("inf") if literal is not None else 0.0
+        self._address_list: list[Address] = [literal] if literal is not None else []
+        self._lookup: asyncio.Task[list[Address]] | None = None
         #: exchanges whose idle deadline runs, and the sweep that checks them
         self._watched: set[Response] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -177,14 +204,25 @@ class Pool:
         return None
 
     async def _connect(self) -> Connection:
-        """A new connection to the first of the host's addresses that takes it."""
+        """A new connection: Happy Eyeballs over the dialled host's addresses, the proxy's
+        tunnel if any, then TLS if the upstream is https, all within the connect timeout."""
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                *others, last = await self._addresses()
-                for address, port in others:
-                    with contextlib.suppress(OSError):
-                        return await self._open(address, port)
-                return await self._open(*last)
+                sock = await self._dial_any(await self._addresses())
+                try:
+                    if self._tunnel is not None:
+                        await self._open_tunnel(sock)
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(self),
+                        sock=sock,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl is not None else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+                return conn
         except TimeoutError:
             raise ConnectFailed(
                 f"connect to {self.host}:{self.port} took over {self.connect_timeout_s} s"
@@ -192,18 +230,46 @@ class Pool:
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {exc!r}") from exc
 
-    async def _open(self, address: str, port: int) -> Connection:
-        _, conn = await asyncio.get_running_loop().create_connection(
-            lambda: Connection(self),
-            address,
-            port,
-            ssl=self._ssl,
-            server_hostname=self.host if self._ssl is not None else None,
+    async def _dial_any(self, addresses: list[Address]) -> socket.socket:
+        """A connected socket to the first address that takes it (RFC 8305's race)."""
+        if len(addresses) == 1:
+            return await _dial(*addresses[0])
+        ordered = _interleaved(addresses)
+        sock, _, errors = await staggered_race(
+            [functools.partial(_dial, *address) for address in ordered], HAPPY_EYEBALLS_DELAY_S
         )
-        return conn
+        if sock is None:
+            failed = [e for e in errors if e is not None]
+            raise failed[-1] if failed else OSError(f"no address of {self._dial[0]} connected")
+        return sock  # type: ignore[no-any-return]
 
-    async def _addresses(self) -> list[tuple[str, int]]:
-        """The host's addresses, looked up at most once per DNS_TTL_S by all connects."""
+    async def _open_tunnel(self, sock: socket.socket) -> None:
+        """CONNECT through the proxy: its answer must be 2xx, and nothing after its head."""
+        assert self._tunnel is not None
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, self._tunnel)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            if len(answer) > HEAD_LIMIT:
+                raise ConnectFailed(f"the proxy's answer to CONNECT is over {HEAD_LIMIT} bytes")
+            piece = await loop.sock_recv(sock, HEAD_LIMIT)
+            if not piece:
+                raise ConnectFailed("the proxy closed the connection instead of answering CONNECT")
+            answer += piece
+        status_line = answer.partition(b"\r\n")[0].decode("latin-1")
+        version, _, rest = status_line.partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise ConnectFailed(f"the proxy's answer to CONNECT is not HTTP: {status_line!r}")
+        if not 200 <= int(code) < 300:
+            raise ConnectFailed(
+                f"the proxy refused to CONNECT to {self.host}:{self.port}: {rest.strip()}"
+            )
+        if not answer.endswith(b"\r\n\r\n"):  # the upstream cannot have spoken yet
+            raise ConnectFailed("the proxy sent bytes after its answer to CONNECT")
+
+    async def _addresses(self) -> list[Address]:
+        """The dialled host's addresses, looked up at most once per DNS_TTL_S by all connects."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._addresses_until:
             return self._address_list
@@ -213,12 +279,13 @@ class Pool:
         # shielded: a connect that gives up does not cancel the others' lookup
         return await asyncio.shield(self._lookup)
 
-    async def _look_up(self) -> list[tuple[str, int]]:
+    async def _look_up(self) -> list[Address]:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        found = list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+        host, port = self._dial
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = list(dict.fromkeys((int(info[0]), tuple(info[4])) for info in infos))
         if not found:
-            raise OSError(f"no address for {self.host}")
+            raise OSError(f"no address for {host}")
         self._address_list, self._addresses_until = found, loop.time() + DNS_TTL_S
         return found
 
@@ -703,12 +770,63 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
-def _is_ip(host: str) -> bool:
+def _ip_address(host: str, port: int) -> Address | None:
+    """The address of an IP literal (None for a host name)."""
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return True
+        return None
+    if ip.version == 6:
+        return socket.AF_INET6, (host, port, 0, 0)
+    return socket.AF_INET, (host, port)
+
+
+def _interleaved(addresses: list[Address]) -> list[Address]:
+    """RFC 8305 4: the first address's family first, then the families in turn."""
+    by_family: dict[int, list[Address]] = {}
+    for address in addresses:
+        by_family.setdefault(address[0], []).append(address)
+    queues = list(by_family.values())
+    out: list[Address] = []
+    while queues:
+        out += [queue.pop(0) for queue in queues]
+        queues = [queue for queue in queues if queue]
+    return out
+
+
+async def _dial(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
+    """A TCP socket connected to `sockaddr` (closed again if that fails or is cancelled)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setblocking(False)
+        # what create_connection(host, port) sets: small writes (events) go out at once
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_head(host: str, port: int, proxy: URL) -> bytes:
+    """The CONNECT request that opens a tunnel to host:port through `proxy`."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    if proxy.user is not None:
+        credentials = f"{proxy.user}:{proxy.password or ''}".encode()
+        lines.append(f"Proxy-Authorization: Basic {base64.b64encode(credentials).decode()}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def environment_proxy(base_url: str | URL) -> URL | None:
+    """The proxy the process environment names for `base_url` (`HTTPS_PROXY` for https,
+    `HTTP_PROXY` for http, none when `NO_PROXY` lists its host), urllib's rules. Read once,
+    when a pool is made: the environment is not consulted per request."""
+    url = URL(base_url)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy or not url.host or urllib.request.proxy_bypass(url.host):
+        return None
+    return URL(proxy if "://" in proxy else f"http://{proxy}")
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -15,15 +15,15 @@ import gc
 import gzip
 import hashlib
 import inspect
+import ipaddress
 import random
 import socket
 import ssl
 import struct
 import subprocess
-import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,9 @@ from gateway.upstream_http import (
     Pool,
     ProtocolViolation,
     Response,
+    environment_proxy,
 )
+from tests.support.connect_proxy import tunnel_proxy
 
 # -- running each test on both loops -------------------------------------------------------
 
@@ -330,12 +332,14 @@ async def pool_for(
     idle_timeout_s: float | None = 1.0,
     ssl_context: ssl.SSLContext | None = None,
     base_url: str | None = None,
+    proxy: str | None = None,
 ) -> AsyncIterator[Pool]:
     pool = Pool(
         base_url or srv.base_url,
         connect_timeout_s=connect_timeout_s,
         idle_timeout_s=idle_timeout_s,
         ssl_context=ssl_context,
+        proxy=proxy,
     )
     try:
         yield pool
@@ -422,6 +426,14 @@ class Collector:
         assert len(self.end_calls) == 1, self.end_calls
         assert not self.called_inside_tap
         return exc
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def closed_port() -> int:
@@ -596,14 +608,16 @@ async def test_a_finished_exchange_leaves_nothing_for_the_garbage_collector() ->
 async def test_a_burst_of_connections_to_a_host_name_looks_it_up_once() -> None:
     """The pool reuses a name's addresses for DNS_TTL_S (localhost may list ::1 first: the
     server listens on 127.0.0.1 only, so the next address is tried). Without the pool's own
-    lookup the default loop's create_connection asks once per connection; uvloop's asks
-    too, but inside its C code, out of this count."""
+    lookup the default loop's create_connection asks once per connection. uvloop's
+    sock_connect passes each address it is given, an IP literal, through getaddrinfo: not a
+    name lookup, not counted."""
     loop = asyncio.get_running_loop()
     lookups: list[str] = []
     real_getaddrinfo = loop.getaddrinfo
 
     async def counted(host: Any, *args: Any, **kwargs: Any) -> Any:
-        lookups.append(host)
+        if not is_ip_literal(host):
+            lookups.append(host)
         return await real_getaddrinfo(host, *args, **kwargs)
 
     loop.getaddrinfo = counted  # type: ignore[method-assign]
@@ -1025,10 +1039,8 @@ async def test_head_that_never_comes_is_idle_timeout() -> None:
         await peer.until_client_closes()
 
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
-        start = time.perf_counter()
-        with pytest.raises(IdleTimeout):
+        with pytest.raises(IdleTimeout, match=r"no byte for 0\.2 s, waiting for the answer's head"):
             await pool.request("GET", "/", [])
-        assert 0.15 <= time.perf_counter() - start < 1.0
         await closed_by_client(srv.peers[0])
         assert pool.open_connections == 0
 
@@ -1043,18 +1055,20 @@ async def test_body_that_stalls_is_idle_timeout(consumer: str) -> None:
 
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
         response = await pool.request("GET", "/", [])
+        error: BaseException | None
         if consumer == "read_any":
             assert await read_at_least(response, 10) == b"0123456789"
-            start = time.perf_counter()
-            with pytest.raises(IdleTimeout):
+            with pytest.raises(IdleTimeout) as raised:
                 await response.read_any()
+            error = raised.value
         else:
             collector = Collector()
-            start = time.perf_counter()
             collector.tap(response)
-            assert isinstance(await collector.finished(), IdleTimeout)
+            error = await collector.finished()
             assert collector.body == b"0123456789"
-        assert 0.1 <= time.perf_counter() - start < 1.0
+            assert collector.end_calls == [error]
+        assert isinstance(error, IdleTimeout)
+        assert "waiting for more of the body" in str(error)
         response.release()
         await closed_by_client(srv.peers[0])
 
@@ -1070,12 +1084,13 @@ async def test_slow_but_steady_body_is_not_idle_timeout() -> None:
         await peer.send(*(chunk(p) for p in pieces), b"0\r\n\r\n", pause_s=0.07)
         await peer.until_client_closes()
 
+    # the server's pauses (asyncio.sleep never returns early) add up to 0.35 s: longer than
+    # idle_timeout_s in total, each shorter
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
-        start = time.perf_counter()
         response = await pool.request("GET", "/", [])
         assert await read_all(response) == b"".join(pieces)
-        assert time.perf_counter() - start > 0.3  # longer than idle_timeout_s in total
         response.release()
+        assert pool.idle_connections == 1
 
 
 @on_both_loops
@@ -1122,9 +1137,17 @@ async def test_paused_longer_than_idle_timeout_does_not_time_out() -> None:
 
 @on_both_loops
 async def test_idle_timeout_runs_again_after_resume() -> None:
+    """Resuming restarts the idle deadline from the resume, not from the last read (0.3 s
+    before it): bytes the upstream sends half a timeout after the resume still arrive, and
+    a silence after them is an idle timeout again."""
+    resumed = asyncio.Event()
+
     async def handler(peer: Peer) -> None:
         await peer.read_request()
         await peer.send(head(headers=[("Content-Length", "100")]) + b"0123456789")
+        await resumed.wait()
+        await asyncio.sleep(0.1)  # half the idle timeout after the resume
+        await peer.send(b"more")
         await peer.until_client_closes()
 
     async with serving(handler) as srv, pool_for(srv, idle_timeout_s=0.2) as pool:
@@ -1135,10 +1158,10 @@ async def test_idle_timeout_runs_again_after_resume() -> None:
         response.pause_reading()
         await asyncio.sleep(0.3)  # longer than idle_timeout_s
         assert not collector.ended.done(), collector.end_calls
-        start = time.perf_counter()
         response.resume_reading()
+        resumed.set()
         assert isinstance(await collector.finished(), IdleTimeout)
-        assert 0.15 <= time.perf_counter() - start < 1.0
+        assert collector.body == b"0123456789more"
         response.release()
         await closed_by_client(srv.peers[0])
 
@@ -1250,10 +1273,8 @@ async def test_tls_handshake_that_never_completes_is_connect_failed() -> None:
     async with serving(handler) as srv:
         srv.scheme, srv.host = "https", "localhost"
         async with pool_for(srv, connect_timeout_s=0.3) as pool:
-            start = time.perf_counter()
-            with pytest.raises(ConnectFailed):
+            with pytest.raises(ConnectFailed, match=r"took over 0\.3 s"):  # the timeout, no other
                 await pool.request("GET", "/", [])
-            assert 0.25 <= time.perf_counter() - start < 1.5
             await closed_by_client(srv.peers[0])
             assert pool.open_connections == 0
 
@@ -1262,10 +1283,9 @@ async def test_tls_handshake_that_never_completes_is_connect_failed() -> None:
 async def test_refused_connection_is_connect_failed() -> None:
     pool = Pool(f"http://127.0.0.1:{closed_port()}", connect_timeout_s=1.0, idle_timeout_s=1.0)
     try:
-        start = time.perf_counter()
-        with pytest.raises(ConnectFailed):
+        # reported as the refusal it is, not waited out into the connect timeout
+        with pytest.raises(ConnectFailed, match="ConnectionRefusedError"):
             await pool.request("GET", "/", [])
-        assert time.perf_counter() - start < 0.9
         assert pool.open_connections == 0
     finally:
         await pool.aclose()
@@ -1539,10 +1559,8 @@ async def test_endless_head_is_cut_off(case: str) -> None:
             outcome.set_result(("sent everything", sent))
 
     async with serving(handler) as srv, pool_for(srv) as pool:
-        begin = time.perf_counter()
-        with pytest.raises(ProtocolViolation):
+        with pytest.raises(ProtocolViolation, match=f"over {HEAD_LIMIT} bytes"):
             await pool.request("GET", "/", [])
-        assert time.perf_counter() - begin < 1.5
         how, sent = await asyncio.wait_for(outcome, 2.0)
         assert how == "cut off"
         assert sent < 16 << 20
@@ -1721,3 +1739,185 @@ async def check_aclose(srv: Server, pool: Pool, consumer: str) -> None:
     else:
         assert isinstance(await collector.finished(), Disconnected)
         assert isinstance(collector.end_calls[0], H1Error)
+
+
+# == 12. Happy Eyeballs ======================================================================
+
+
+@contextmanager
+def blackhole() -> Iterator[int]:
+    """A port on 127.0.0.1 that never answers a SYN: a listener that accepts nothing, its
+    backlog already full (Linux drops the SYNs a full accept queue cannot take)."""
+    with socket.socket() as listener, ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        for _ in range(3):
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        yield port
+
+
+@contextmanager
+def resolving(name: str, *ports: int) -> Iterator[list[str]]:
+    """`name` resolves to 127.0.0.1 with each of `ports` in turn (a host with several
+    addresses, as a real name with IPv6 and IPv4 ones); yields the names looked up."""
+    loop = asyncio.get_running_loop()
+    real_getaddrinfo = loop.getaddrinfo
+    lookups: list[str] = []
+
+    async def fake(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return await real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        kind, proto = socket.SOCK_STREAM, socket.IPPROTO_TCP
+        return [(socket.AF_INET, kind, proto, "", ("127.0.0.1", p)) for p in ports]
+
+    loop.getaddrinfo = fake  # type: ignore[method-assign]
+    try:
+        yield lookups
+    finally:
+        del loop.getaddrinfo
+
+
+@pytest.mark.parametrize("first", ["blackholed", "refused"])
+@on_both_loops
+async def test_a_dead_first_address_is_overtaken_by_the_next(first: str) -> None:
+    """Happy Eyeballs: the second address is tried while the first still hangs, so a
+    blackholed first address costs the delay, not the connect timeout (tried in series
+    under one timeout, the connect would fail)."""
+    async with serving(answer_each(lambda _: answer(b"served"))) as srv:
+        with ExitStack() as stack:
+            dead = stack.enter_context(blackhole()) if first == "blackholed" else closed_port()
+            lookups = stack.enter_context(resolving("upstream.test", dead, srv.port))
+            base_url = f"http://upstream.test:{srv.port}"
+            async with pool_for(srv, base_url=base_url, connect_timeout_s=3.0) as pool:
+                response = await pool.request("GET", "/", [])
+                assert await read_all(response) == b"served"
+                response.release()
+                assert pool.open_connections == 1
+            assert lookups == ["upstream.test"]
+    assert srv.accepted == 1
+    assert srv.requests[0].values("Host") == [f"upstream.test:{srv.port}"]
+
+
+@on_both_loops
+async def test_every_address_dead_is_connect_failed_within_the_connect_timeout() -> None:
+    with blackhole() as first, blackhole() as second, resolving("upstream.test", first, second):
+        pool = Pool(f"http://upstream.test:{first}", connect_timeout_s=0.6, idle_timeout_s=1.0)
+        try:
+            with pytest.raises(ConnectFailed, match=r"took over 0\.6 s"):
+                await pool.request("GET", "/", [])
+            assert pool.open_connections == 0
+        finally:
+            await pool.aclose()
+
+
+@on_both_loops
+async def test_every_address_refusing_is_connect_failed_naming_the_refusal() -> None:
+    with resolving("upstream.test", closed_port(), closed_port()):
+        pool = Pool("http://upstream.test:81", connect_timeout_s=2.0, idle_timeout_s=1.0)
+        try:
+            with pytest.raises(ConnectFailed, match="ConnectionRefusedError"):
+                await pool.request("GET", "/", [])
+        finally:
+            await pool.aclose()
+
+
+# == 13. through an HTTP proxy ===============================================================
+
+
+@on_both_loops
+async def test_http_upstream_through_a_proxy_is_tunnelled_and_reused() -> None:
+    async with (
+        serving(answer_each(lambda r: answer(r.target.encode()))) as srv,
+        tunnel_proxy() as proxy,
+        pool_for(srv, proxy=f"http://alice:s%3Acret@127.0.0.1:{proxy.port}") as pool,
+    ):
+        for n in range(3):
+            response = await pool.request("GET", f"/v1/{n}", [])
+            assert await read_all(response) == f"/v1/{n}".encode()
+            response.release()
+    assert proxy.connects == [f"127.0.0.1:{srv.port}"]  # one tunnel, kept alive
+    # base64 of "alice:s:cret": the user and the percent-decoded password
+    assert proxy.authorizations == ["Basic YWxpY2U6czpjcmV0"]
+    assert [r.target for r in srv.requests] == ["/v1/0", "/v1/1", "/v1/2"]  # origin-form
+    assert srv.requests[0].values("Host") == [f"127.0.0.1:{srv.port}"]
+
+
+@on_both_loops
+async def test_https_upstream_through_a_proxy_runs_tls_inside_the_tunnel(tls: Tls) -> None:
+    async with (
+        serving(
+            answer_each(lambda _: answer(b"secret")), ssl_context=tls.server, host="localhost"
+        ) as srv,
+        tunnel_proxy() as proxy,
+        pool_for(srv, ssl_context=tls.client, proxy=proxy.url) as pool,
+    ):
+        response = await pool.request("GET", "/", [])
+        assert await read_all(response) == b"secret"
+        response.release()
+    assert proxy.connects == [f"localhost:{srv.port}"]  # the proxy resolves the name
+    assert proxy.authorizations == [None]
+
+
+@pytest.mark.parametrize("refusal", ["407 Proxy Authentication Required", "403 Forbidden"])
+@on_both_loops
+async def test_a_proxy_refusing_connect_is_connect_failed_naming_its_answer(
+    refusal: str,
+) -> None:
+    async with (
+        serving(answer_each(lambda _: answer(b"never"))) as srv,
+        tunnel_proxy(refuse=refusal) as proxy,
+        pool_for(srv, proxy=proxy.url) as pool,
+    ):
+        with pytest.raises(ConnectFailed, match=f"refused to CONNECT.*{refusal}"):
+            await pool.request("GET", "/", [])
+        assert pool.open_connections == 0
+    assert srv.accepted == 0
+
+
+PROXY = "http://proxy.test:3128"
+
+
+@pytest.mark.parametrize(
+    ("env", "for_http", "for_https"),
+    [
+        ({"HTTP_PROXY": PROXY}, PROXY, None),
+        ({"http_proxy": "proxy.test:3128"}, PROXY, None),  # no scheme: http:// is meant
+        ({"HTTPS_PROXY": PROXY}, None, PROXY),
+        ({"HTTP_PROXY": PROXY, "HTTPS_PROXY": PROXY, "NO_PROXY": "upstream.test"}, None, None),
+        ({"HTTP_PROXY": PROXY, "HTTPS_PROXY": PROXY, "NO_PROXY": ".test"}, None, None),
+        ({"HTTP_PROXY": PROXY, "NO_PROXY": "other.test,localhost"}, PROXY, None),
+        ({}, None, None),
+    ],
+)
+def test_environment_proxy_follows_the_proxy_variables(
+    env: dict[str, str],
+    for_http: str | None,
+    for_https: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    found = {
+        scheme: environment_proxy(f"{scheme}://upstream.test:8000/v1")
+        for scheme in ("http", "https")
+    }
+    assert {k: str(v) if v is not None else None for k, v in found.items()} == {
+        "http": for_http,
+        "https": for_https,
+    }
+
+
+@pytest.mark.parametrize(
+    "proxy", ["https://u:secret@proxy.test:443", "socks5://u:secret@proxy.test"]
+)
+def test_a_proxy_other_than_http_is_refused_without_its_password(proxy: str) -> None:
+    with pytest.raises(ValueError, match="not an http:// proxy URL") as raised:
+        Pool("https://upstream.test", connect_timeout_s=1.0, idle_timeout_s=1.0, proxy=proxy)
+    assert "secret" not in str(raised.value)
