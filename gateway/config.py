@@ -20,6 +20,7 @@ import msgspec
 import yaml
 
 TokenizerName = Literal["o200k_base", "cl100k_base", "chunks", "chars"]
+Balance = Literal["least_inflight", "weighted", "affinity"]
 
 
 class ConfigError(Exception):
@@ -43,6 +44,15 @@ class SimulatorSettings(_Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     ttft_ms: float = 50.0
 
 
+class Health(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Passive health (gateway.upstream_health): this many failures within window_s cool an
+    upstream down for cooldown_s, then one trial request decides. Per process."""
+
+    max_failures: int = 3
+    window_s: float = 30.0
+    cooldown_s: float = 10.0
+
+
 class Upstream(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     base_url: str | None = None
     api_key: str | None = None
@@ -52,14 +62,43 @@ class Upstream(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pool_timeout_s: float = 5.0
     usage: Literal["passthrough", "inject"] = "passthrough"
     simulator: SimulatorSettings | None = None
+    #: its share in a balanced tier
+    weight: float = 1.0
+    health: Health = Health()
+    #: the provider's own quota: requests are paced with an aiolimiter.AsyncLimiter
+    max_requests_per_minute: float | None = None
+
+
+class Retry(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Retries before the first byte: `attempts` sends per request at most (at least one per
+    upstream the route lists), exponential backoff with jitter between two sends to the same
+    upstream, every wait within `budget_s` (default: limits.queue_timeout_s)."""
+
+    attempts: int = 2
+    backoff_ms: float = 200.0
+    max_backoff_ms: float = 2000.0
+    budget_s: float | None = None
 
 
 class Route(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     models: tuple[str, ...]
-    upstreams: tuple[str, ...]
+    #: tiers tried in order: a name is a tier of its own, a list of names one balanced tier
+    upstreams: tuple[str | tuple[str, ...], ...]
     tokenizer: TokenizerName = "o200k_base"
     keepalive_comment_s: float | None = None
     accounting: bool = True
+    balance: Balance = "least_inflight"
+    affinity_header: str | None = None
+    retry: Retry = Retry()
+
+    @property
+    def tiers(self) -> tuple[tuple[str, ...], ...]:
+        return tuple((tier,) if isinstance(tier, str) else tier for tier in self.upstreams)
+
+    @property
+    def upstream_names(self) -> tuple[str, ...]:
+        """Every upstream the route names, in the order it tries them."""
+        return tuple(name for tier in self.tiers for name in tier)
 
 
 class TeamLimits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -183,6 +222,18 @@ def _check_upstreams(settings: Settings) -> list[str]:
             problems.append(f"{where}.base_url: must start with http:// or https://")
         if up.max_connections < 1:
             problems.append(f"{where}.max_connections: must be at least 1")
+        positive = {
+            "weight": up.weight,
+            "health.max_failures": up.health.max_failures,
+            "health.window_s": up.health.window_s,
+            "health.cooldown_s": up.health.cooldown_s,
+            "max_requests_per_minute": up.max_requests_per_minute,
+        }
+        problems += [
+            f"{where}.{key}: must be positive"
+            for key, value in positive.items()
+            if value is not None and not value > 0
+        ]
     return problems
 
 
@@ -192,11 +243,29 @@ def _check_routes(settings: Settings) -> list[str]:
         where = f"$.routes[{i}]"
         if not route.models:
             problems.append(f"{where}.models: must name at least one model pattern")
-        if not route.upstreams:
-            problems.append(f"{where}.upstreams: must name at least one upstream")
-        for up in route.upstreams:
+        if not route.upstreams or not all(route.tiers):
+            problems.append(f"{where}.upstreams: must name at least one upstream in each tier")
+        names = route.upstream_names
+        for up in names:
             if up not in settings.upstreams:
                 problems.append(f"{where}.upstreams: unknown upstream {up!r}")
+        if len(set(names)) != len(names):
+            problems.append(f"{where}.upstreams: an upstream is listed twice")
+        problems += _check_balance(route, where)
+    return problems
+
+
+def _check_balance(route: Route, where: str) -> list[str]:
+    problems = []
+    if route.affinity_header is not None and route.balance != "affinity":
+        problems.append(f"{where}.affinity_header: only with balance: affinity")
+    retry = route.retry
+    if retry.attempts < 1:
+        problems.append(f"{where}.retry.attempts: must be at least 1")
+    if retry.backoff_ms < 0 or retry.max_backoff_ms < retry.backoff_ms:
+        problems.append(f"{where}.retry.max_backoff_ms: must be at least backoff_ms (>= 0)")
+    if retry.budget_s is not None and retry.budget_s < 0:
+        problems.append(f"{where}.retry.budget_s: must be positive")
     return problems
 
 

@@ -141,6 +141,7 @@ class Reloader:
         old_limiter = comp.limiter if built.limiter is not None else None
         comp.limiter = built.limiter or comp.limiter
         comp.inflight = built.gate or comp.inflight
+        comp.balancer.configure(new)
         retiring = _Retiring(replaced, old_limiter)
         task = asyncio.create_task(self._retire(comp, before, removed, retiring))
         self._retiring[task] = retiring
