@@ -241,7 +241,6 @@ async def open_on_route(
     last_opened: Opened | None = None
     try:
         while True:
-            request.attempts += 1
             try:
                 client = clients[state.name]
                 opened = await _attempt(balancer, plan, client, state, request, deadline)
@@ -298,8 +297,10 @@ async def _attempt(
     request: UpstreamRequest,
     deadline: float,
 ) -> Opened:
-    await _pace(balancer, state, deadline)
+    if state.limiter is not None:
+        await _pace(balancer, state, deadline)
     await _acquire_slot(client)
+    request.attempts += 1
     probe = balancer.claim(state)
     opened: Opened | None = None
     try:
@@ -352,7 +353,10 @@ async def _pace(balancer: Balancer, state: UpstreamState, deadline: float) -> No
             f"upstream {state.name!r} is at its max_requests_per_minute; retry shortly",
             headers={"Retry-After": wait},
         )
-        raise _Retryable(error, verdict="none", counted=False, reason="paced") from None
+        # (not again: the wait would only be longer, in less of the budget)
+        raise _Retryable(
+            error, verdict="none", counted=False, reason="paced", again=False
+        ) from None
 
 
 async def _acquire_slot(client: UpstreamClient) -> None:
