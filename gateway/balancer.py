@@ -313,6 +313,8 @@ class Balancer:
         if self._others_healthy(plan, state, now):
             seconds = min(retry_after_s, MAX_RETRY_AFTER_S)
             self._cool(state, now, seconds, "retry_after", trial=False, why="retry_after")
+        else:  # it answered: a trial request it was is over, and the next one may try
+            state.health.probing = False
 
     def retried(self, state: UpstreamState, reason: str) -> None:
         """Another attempt follows a failure on `state`."""

@@ -235,6 +235,18 @@ def test_an_abandoned_trial_lets_the_next_request_try() -> None:
     assert a.health.usable(clock.now)
 
 
+def test_a_trial_answered_with_retry_after_on_the_last_healthy_member_frees_the_trial() -> None:
+    balancer, plan, clock, _ = balancer_for({"a": 1, "b": 1}, health=Health(max_failures=1))
+    a, b = balancer.upstreams["a"], balancer.upstreams["b"]
+    fail(balancer, plan, a, 1)
+    b.health.cool(clock.now, 5, trial=True)  # (as another route would have)
+    clock.now += 10
+    assert balancer.claim(a)
+    balancer.asked_to_wait(plan, a, 1)  # not cooled: nothing else of the route is trusted
+    a.end()
+    assert a.health.usable(clock.now) and not a.health.probing
+
+
 def test_failures_outside_the_window_do_not_add_up() -> None:
     balancer, plan, clock, _ = balancer_for({"a": 1, "b": 1}, health=Health(window_s=30))
     a = balancer.upstreams["a"]
