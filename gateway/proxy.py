@@ -198,15 +198,14 @@ async def _serve_with_keepalive(
             await resp.write(KEEPALIVE_COMMENT)
     except asyncio.CancelledError:
         _drop_opening(task)
-        ctx.attempts = upstream_request.attempts
         if resp is not None and comp.lifecycle.was_cut():
             return await _end_cut_stream(ctx, resp)
         raise
     except BaseException:
         _drop_opening(task)
-        ctx.attempts = upstream_request.attempts
         raise
-    ctx.attempts = upstream_request.attempts
+    finally:
+        ctx.attempts = upstream_request.attempts
     if resp is None:
         opened = task.result()
     else:

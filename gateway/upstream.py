@@ -139,7 +139,8 @@ class Opened:
     upstream: UpstreamClient
     response: upstream_http.Response
     first_chunk: bytes
-    state: UpstreamState | None = None
+    #: the balancer's view of that upstream (its in-flight count)
+    state: UpstreamState
     _slot_held: bool = True
 
     def release(self) -> None:
@@ -158,10 +159,9 @@ class Opened:
             _free(self.upstream, self.state)
 
 
-def _free(client: UpstreamClient, state: UpstreamState | None) -> None:
+def _free(client: UpstreamClient, state: UpstreamState) -> None:
     client.slots.release()
-    if state is not None:
-        state.end()
+    state.end()
 
 
 @dataclass(slots=True)
