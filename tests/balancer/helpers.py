@@ -45,6 +45,14 @@ class Replica:
         self.runner, self.port = await start_sim("127.0.0.1", self.port, self.options)
         self.states.append(self.runner.app[SIM_STATE])
 
+    async def kill(self) -> None:
+        """Stop at once: every open connection reset, streams in flight cut mid-way."""
+        if self.runner is not None and self.runner.server is not None:
+            for connection in list(self.runner.server.connections):
+                if connection.transport is not None:
+                    connection.transport.abort()
+        await self.stop()
+
     async def stop(self) -> None:
         if self.runner is not None:
             runner, self.runner = self.runner, None
