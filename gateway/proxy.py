@@ -331,10 +331,12 @@ async def _upstream_refused(
     status = opened.response.status
     message, code = _upstream_error_fields(body)
     if status >= 500:
-        retry_after = opened.response.headers.get("Retry-After")
+        balancer = ledger.comp.balancer
+        retry_after = opened.response.headers.get("Retry-After") or balancer.retry_after(
+            balancer.plan(ledger.match.route)
+        )
         error = UpstreamError(
-            f"The upstream answered {status}: {message}",
-            headers={"Retry-After": retry_after} if retry_after else None,
+            f"The upstream answered {status}: {message}", headers={"Retry-After": retry_after}
         )
         if resp is None:
             raise error

@@ -165,6 +165,22 @@ async def test_every_member_down_waits_at_most_the_budget_then_502_with_retry_af
     assert attempts == [3, 6]
 
 
+async def test_every_member_answering_5xx_gives_the_client_a_502_with_retry_after() -> None:
+    async with replicas(a=fast(), b=fast()) as reps:
+        urls = {name: rep.base_url for name, rep in reps.items()}
+        with capture_logs() as logs:
+            async with running_gateway(balanced_settings(urls)) as gw:
+                client = await sdk(gw.base_url)
+                async with client:
+                    with pytest.raises(openai.APIStatusError) as raised:
+                        await stream_once(client, extra_body={"sim": {"fault": "html_500"}})
+    assert raised.value.status_code == 502
+    assert int(raised.value.response.headers["retry-after"]) >= 1
+    assert reps["a"].received == reps["b"].received == 1  # each member once
+    (line,) = request_lines(logs)
+    assert (line["attempts"], line["end"]) == (2, "upstream_error")
+
+
 async def test_no_retry_after_the_first_byte_a_broken_stream_ends_with_an_sse_error() -> None:
     async with replicas(a=fast(), b=fast()) as reps:
         urls = {name: rep.base_url for name, rep in reps.items()}
