@@ -7,7 +7,8 @@ The data path, module by module, in the order a request crosses it:
       request_parse   path, body (bounded in size and time), JSON, model
       routing         the model's route and its bounded metric label
       admission       max_inflight gate, prompt estimate, team limits (reservations)
-      upstream        pools; the route's upstreams in order, failover before the first byte
+      balancer        which upstream serves: tiers, balancing, passive health, pacing
+      upstream        pools; the chosen upstream, retries and failover before the first byte
         upstream_http   keep-alive HTTP/1.1 connections (llhttp), idle/connect timeouts
       client_response the client's answer head (status, headers, SSE headers)
       relay           each upstream piece to the client as it arrives (awaited loop)

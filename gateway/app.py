@@ -35,6 +35,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .app_state import COMPONENTS, CTX, TEAM, Components
 from .auth import Authenticator
+from .balancer import Balancer
 from .config import Settings, Upstream
 from .context import RequestContext
 from .errors import (
@@ -111,6 +112,7 @@ def _lifespan(
             upstreams=upstreams,
             limiter=limiter,
             inflight=InflightGate(limits.max_inflight, limits.queue_timeout_s),
+            balancer=Balancer(settings, metrics),
         )
         watcher = asyncio.create_task(_watch_limiter(app[COMPONENTS]))
         if not settings.auth_enabled:

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from .auth import Authenticator
+from .balancer import Balancer
 from .config import Settings, Team
 from .context import RequestContext
 from .limits import InflightGate, Limiter
@@ -107,6 +108,8 @@ class Components:
     upstreams: dict[str, UpstreamClient]
     limiter: Limiter
     inflight: InflightGate
+    #: which upstream serves each request; its state (in-flight, health) outlives reloads
+    balancer: Balancer
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 

@@ -21,6 +21,7 @@ import msgspec
 import yaml
 
 TokenizerName = Literal["o200k_base", "cl100k_base", "chunks", "chars"]
+Balance = Literal["least_inflight", "weighted", "affinity"]
 
 #: a duration or size that must be above zero
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -54,6 +55,15 @@ class SimulatorSettings(_Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     ttft_ms: NonNegativeFloat = 50.0
 
 
+class Health(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Passive health (gateway.upstream_health): this many failures within window_s cool an
+    upstream down for cooldown_s, then one trial request decides. Per process."""
+
+    max_failures: AtLeastOne = 3
+    window_s: PositiveFloat = 30.0
+    cooldown_s: PositiveFloat = 10.0
+
+
 class Upstream(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     base_url: str | None = None
     api_key: str | None = None
@@ -63,15 +73,44 @@ class Upstream(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pool_timeout_s: PositiveFloat = 5.0
     usage: Literal["passthrough", "inject"] = "passthrough"
     simulator: SimulatorSettings | None = None
+    #: its share in a balanced tier
+    weight: PositiveFloat = 1.0
+    health: Health = Health()
+    #: the provider's own quota: requests are paced with an aiolimiter.AsyncLimiter
+    max_requests_per_minute: PositiveFloat | None = None
+
+
+class Retry(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Retries before the first byte: `attempts` sends per request at most (at least one per
+    upstream the route lists), exponential backoff with jitter between two sends to the same
+    upstream, every wait within `budget_s` (default: limits.queue_timeout_s)."""
+
+    attempts: AtLeastOne = 2
+    backoff_ms: NonNegativeFloat = 200.0
+    max_backoff_ms: NonNegativeFloat = 2000.0
+    budget_s: NonNegativeFloat | None = None
 
 
 class Route(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     models: tuple[str, ...]
-    upstreams: tuple[str, ...]
+    #: tiers tried in order: a name is a tier of its own, a list of names one balanced tier
+    upstreams: tuple[str | tuple[str, ...], ...]
     tokenizer: TokenizerName = "o200k_base"
     #: 0 or absent: no comments
     keepalive_comment_s: NonNegativeFloat | None = None
     accounting: bool = True
+    balance: Balance = "least_inflight"
+    affinity_header: str | None = None
+    retry: Retry = Retry()
+
+    @property
+    def tiers(self) -> tuple[tuple[str, ...], ...]:
+        return tuple((tier,) if isinstance(tier, str) else tier for tier in self.upstreams)
+
+    @property
+    def upstream_names(self) -> tuple[str, ...]:
+        """Every upstream the route names, in the order it tries them."""
+        return tuple(name for tier in self.tiers for name in tier)
 
 
 class TeamLimits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -226,11 +265,24 @@ def _check_routes(settings: Settings) -> list[str]:
         where = f"$.routes[{i}]"
         if not route.models:
             problems.append(f"{where}.models: must name at least one model pattern")
-        if not route.upstreams:
-            problems.append(f"{where}.upstreams: must name at least one upstream")
-        for up in route.upstreams:
+        if not route.upstreams or not all(route.tiers):
+            problems.append(f"{where}.upstreams: must name at least one upstream in each tier")
+        names = route.upstream_names
+        for up in names:
             if up not in settings.upstreams:
                 problems.append(f"{where}.upstreams: unknown upstream {up!r}")
+        if len(set(names)) != len(names):
+            problems.append(f"{where}.upstreams: an upstream is listed twice")
+        problems += _check_balance(route, where)
+    return problems
+
+
+def _check_balance(route: Route, where: str) -> list[str]:
+    problems = []
+    if route.affinity_header is not None and route.balance != "affinity":
+        problems.append(f"{where}.affinity_header: only with balance: affinity")
+    if route.retry.max_backoff_ms < route.retry.backoff_ms:
+        problems.append(f"{where}.retry.max_backoff_ms: must be at least backoff_ms")
     return problems
 
 

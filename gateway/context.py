@@ -34,6 +34,8 @@ class RequestContext:
     usage_source: Literal["upstream", "estimate"] = "estimate"
     ttft_ms: float | None = None
     chunks: int = 0
+    #: how many times the request was sent upstream (retries and failover included)
+    attempts: int = 0
 
     # -- facts, reported by the modules that saw them ------------------------------------------
     #: the error the client was told about: a JSON answer, or the SSE event that ended a stream
@@ -72,4 +74,5 @@ class RequestContext:
             "finish_reason": self.finish_reason,
             "end": self.end,
             "error_code": self.error_code,
+            "attempts": self.attempts,
         }

@@ -132,6 +132,32 @@ class GatewayMetrics:
             ["model"],
             registry=registry,
         )
+        self.upstream_inflight = _Gauge(
+            "gateway_upstream_inflight",
+            "Requests in flight to each upstream (whole streams, every endpoint).",
+            ["upstream"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_healthy = _Gauge(
+            "gateway_upstream_healthy",
+            "1 while the upstream is trusted, 0 while cooled down or awaiting its trial request.",
+            ["upstream"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.upstream_cooldowns = _Counter(
+            "gateway_upstream_cooldowns",
+            "Upstreams cooled down, by reason (failures, probe_failed, retry_after).",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self.upstream_retries = _Counter(
+            "gateway_upstream_retries",
+            "Attempts that followed a failed one before the first byte, by the failed upstream.",
+            ["upstream", "reason"],
+            registry=registry,
+        )
 
     def flush_pending(self) -> None:
         """Meter the waiting stream pieces and add the batched gaps now."""

@@ -3,7 +3,8 @@
     request_parse   path, body and JSON (400, 408, 413)
       -> routing    the model's route (404)
       -> admission  the max_inflight gate (503), the team's limits (429)
-      -> upstream   the route's upstreams in order, failover before the first byte (502/503/504)
+      -> upstream   the balancer's choice of upstream; retries and failover before the first
+                    byte (429 paced, 502/503/504)
       -> client_response, relay   bytes as they arrive; the ledger meters a parsed copy
       -> ledger.settle            the final tally, the limiter's unused reservation
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ from multidict import CIMultiDict
 
 from .admission import admit, enter_gate, leave_gate
 from .app_state import COMPONENTS, CTX, TEAM, Components
+from .balancer import RoutePlan, affinity_key
 from .client_response import prepare_stream
 from .config import Route
 from .context import RequestContext
@@ -44,7 +46,6 @@ from .routing import RouteMatch
 from .upstream import (
     OnUpstreamError,
     Opened,
-    UpstreamClient,
     UpstreamRequest,
     open_on_route,
     read_error_body,
@@ -101,6 +102,7 @@ def resolve(comp: Components, parsed: ParsedRequest) -> RouteMatch:
 
 async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) -> web.StreamResponse:
     comp, ctx, route = ledger.comp, ledger.ctx, ledger.match.route
+    plan = comp.balancer.plan(route)
     upstream_request = UpstreamRequest(
         method=request.method,
         tail=parsed.tail,
@@ -109,13 +111,18 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
         headers=_forwarded_headers(request, parsed),
         request_id=ctx.request_id,
         injected_body=_injected_body(comp, route, parsed.doc),
+        affinity_key=affinity_key(plan, request.headers, parsed.doc),
     )
     parsed.release()
-    clients = [comp.upstreams[name] for name in route.upstreams]
     if parsed.stream and route.keepalive_comment_s:
-        return await _serve_with_keepalive(request, ledger, clients, upstream_request)
+        return await _serve_with_keepalive(request, ledger, plan, upstream_request)
     # (no local for the callback: this frame lasts as long as the stream)
-    opened = await open_on_route(clients, upstream_request, _on_upstream_error(comp, ctx))
+    try:
+        opened = await open_on_route(
+            comp.balancer, plan, comp.upstreams, upstream_request, _on_upstream_error(comp, ctx)
+        )
+    finally:
+        ctx.attempts = upstream_request.attempts
     try:
         return await _answer(request, ledger, opened, None, upstream_request)
     finally:
@@ -139,7 +146,7 @@ def _injected_body(comp: Components, route: Route, doc: dict[str, Any] | None) -
     options = doc.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return None
-    if not any(comp.upstreams[name].settings.usage == "inject" for name in route.upstreams):
+    if not any(comp.upstreams[name].settings.usage == "inject" for name in route.upstream_names):
         return None
     merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return orjson.dumps({**doc, "stream_options": merged})
@@ -159,7 +166,7 @@ def _on_upstream_error(comp: Components, ctx: RequestContext) -> OnUpstreamError
 async def _serve_with_keepalive(
     request: web.Request,
     ledger: Ledger,
-    clients: Sequence[UpstreamClient],
+    plan: RoutePlan,
     upstream_request: UpstreamRequest,
 ) -> web.StreamResponse:
     """Send an SSE comment every keepalive_comment_s while the first upstream byte is awaited.
@@ -170,7 +177,9 @@ async def _serve_with_keepalive(
     comp, ctx = ledger.comp, ledger.ctx
     every_s = ledger.match.route.keepalive_comment_s
     task = asyncio.ensure_future(
-        open_on_route(clients, upstream_request, _on_upstream_error(comp, ctx))
+        open_on_route(
+            comp.balancer, plan, comp.upstreams, upstream_request, _on_upstream_error(comp, ctx)
+        )
     )
     resp: web.StreamResponse | None = None
     try:
@@ -188,13 +197,15 @@ async def _serve_with_keepalive(
                 )
             await resp.write(KEEPALIVE_COMMENT)
     except asyncio.CancelledError:
-        task.cancel()
+        _drop_opening(task)
         if resp is not None and comp.lifecycle.was_cut():
             return await _end_cut_stream(ctx, resp)
         raise
     except BaseException:
-        task.cancel()
+        _drop_opening(task)
         raise
+    finally:
+        ctx.attempts = upstream_request.attempts
     if resp is None:
         opened = task.result()
     else:
@@ -207,6 +218,15 @@ async def _serve_with_keepalive(
         return await _answer(request, ledger, opened, resp, upstream_request)
     finally:
         opened.close()
+
+
+def _drop_opening(task: asyncio.Future[Opened]) -> None:
+    """The request ends while its upstream is being opened: cancel that, or close what it
+    opened (an answer that arrived in the meantime holds a connection and an in-flight count)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 async def _fail_after_comments(
@@ -311,10 +331,12 @@ async def _upstream_refused(
     status = opened.response.status
     message, code = _upstream_error_fields(body)
     if status >= 500:
-        retry_after = opened.response.headers.get("Retry-After")
+        balancer = ledger.comp.balancer
+        retry_after = opened.response.headers.get("Retry-After") or balancer.retry_after(
+            balancer.plan(ledger.match.route)
+        )
         error = UpstreamError(
-            f"The upstream answered {status}: {message}",
-            headers={"Retry-After": retry_after} if retry_after else None,
+            f"The upstream answered {status}: {message}", headers={"Retry-After": retry_after}
         )
         if resp is None:
             raise error

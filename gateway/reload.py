@@ -6,14 +6,18 @@
                                    backend changed, a gate if max_inflight/queue_timeout_s did;
                                    any failure here rejects the file as well
       -> swap, with no await       settings, router, auth, tokenizers, upstreams, limiter, gate,
-                                   client timeouts
+                                   client timeouts; the balancer's tiers, weights, health and
+                                   pacing settings
       -> retire, later             clients of removed or changed upstreams and a replaced
                                    limiter close once the requests that started before the
                                    swap have ended
 
 A request reads the configuration when it is admitted; one that is already streaming keeps its
 route, its upstream connection and its limits admission, so a reload never drops a stream.
-Team limits are looked up by team name, so a team's budget so far is kept. What needs a
+Team limits are looked up by team name, so a team's budget so far is kept. The balancer keeps
+its state by upstream name: in-flight counts and cooldowns of the upstreams the new file keeps
+survive, a changed one included (its pool is new; its health is not reset: a cooldown in
+progress ends, and its trial request tells, as for any other). What needs a
 restart: `listen` (the socket is bound; the new file's value is ignored).
 
 The client timeouts: `client_body_timeout_s` applies to every request that starts reading its
@@ -152,6 +156,7 @@ class Reloader:
         comp.limiter = built.limiter or comp.limiter
         comp.inflight = built.gate or comp.inflight
         self._apply_timeouts(comp, ClientTimeouts.of(new))
+        comp.balancer.configure(new)
         retiring = _Retiring(replaced, old_limiter)
         task = asyncio.create_task(self._retire(comp, before, removed, retiring))
         self._retiring[task] = retiring

@@ -1,21 +1,27 @@
-"""Upstream pools, and opening a request on a route with failover before the first byte.
+"""Upstream pools, and opening a request on a route with retries before the first byte.
 
 One `gateway.upstream_http.Pool` of keep-alive connections per upstream per process, with explicit
 connect and idle-read timeouts and no total timeout (a stream may last an hour). A semaphore of
 `max_connections` slots bounds the connections and the wait for one: past `pool_timeout_s` the
 request gets a 503 instead of queueing without end.
 
-`open_on_route` tries the route's upstreams in order and returns once an upstream answered
-with headers AND its first body bytes (or a complete non-2xx answer): until then nothing has
-reached the client, so a connect error, a reset, a 5xx or a 429 may move on to the next
-upstream. After that, never.
+`open_on_route` asks the balancer (`gateway.balancer`, the one owner of that choice) for an
+upstream, and returns once it answered with headers AND its first body bytes (or a non-2xx
+answer it relays): until then nothing has reached the client, so a connect error, a reset, a
+5xx, a 408, 409 or 429 may move on to another member of the tier, down the tiers, or, after a
+backoff, the same upstream again. After that, never. A timeout is not retried (the client
+already waited an idle timeout), nor is any other 4xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+import email.utils
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
@@ -23,8 +29,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import upstream_http
+from .balancer import Balancer, Paced, RoutePlan, Tried, UpstreamState
 from .config import Upstream
-from .errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from .errors import (
+    GatewayError,
+    RateLimitExceeded,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 #: request headers never forwarded upstream: hop-by-hop, the client's own credentials, the
 #: ones the pool computes itself or `headers_for` replaces, and Content-Encoding (the server
@@ -121,26 +134,37 @@ def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClien
 
 @dataclass(slots=True)
 class Opened:
-    """An upstream answer whose headers and first body bytes have arrived."""
+    """An upstream answer whose headers and first body bytes have arrived.
+
+    It holds a connection slot and the upstream's in-flight count: `release` or `close` gives
+    both back, once, whichever way the request ends."""
 
     upstream: UpstreamClient
     response: upstream_http.Response
     first_chunk: bytes
+    #: the balancer's view of that upstream (its in-flight count)
+    state: UpstreamState
     _slot_held: bool = True
 
     def release(self) -> None:
         """Return the connection to the pool (or close it if the body was not read to its end)."""
         self.response.release()
-        if self._slot_held:
-            self._slot_held = False
-            self.upstream.slots.release()
+        self._let_go()
 
     def close(self) -> None:
         """Drop the connection: the client went away or the stream failed mid-way."""
         self.response.close()
+        self._let_go()
+
+    def _let_go(self) -> None:
         if self._slot_held:
             self._slot_held = False
-            self.upstream.slots.release()
+            _free(self.upstream, self.state)
+
+
+def _free(client: UpstreamClient, state: UpstreamState) -> None:
+    client.slots.release()
+    state.end()
 
 
 @dataclass(slots=True)
@@ -153,8 +177,12 @@ class UpstreamRequest:
     request_id: str
     #: the body for upstreams with `usage: inject` (stream_options added), when it differs
     injected_body: bytes | None = None
+    #: the balancer's affinity key (balance: affinity), see balancer.affinity_key
+    affinity_key: bytes | None = None
     #: whether there is one (kept after `release`)
     injected: bool = field(init=False)
+    #: how many times it was sent upstream so far
+    attempts: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.injected = self.injected_body is not None
@@ -171,67 +199,167 @@ class UpstreamRequest:
 
 #: called for each failed attempt: (upstream name, reason label)
 OnUpstreamError = Callable[[str, str], None]
+#: what a failed attempt tells the upstream's passive health
+Verdict = Literal["failure", "wait", "none"]
 
 
 class _Retryable(Exception):
-    """An attempt that failed before any byte reached the client; the next upstream may serve."""
+    """An attempt that failed before any byte reached the client; another attempt may serve."""
 
-    def __init__(self, error: GatewayError, opened: Opened | None = None) -> None:
-        self.error, self.opened = error, opened
+    def __init__(
+        self,
+        error: GatewayError,
+        opened: Opened | None = None,
+        *,
+        verdict: Verdict = "failure",
+        retry_after_s: float = 0.0,
+        counted: bool = True,
+        reason: str | None = None,
+        again: bool = True,
+    ) -> None:
+        self.error, self.opened, self.again = error, opened, again
+        self.verdict, self.retry_after_s, self.counted = verdict, retry_after_s, counted
+        self.reason = reason or error.reason or "connect"
 
 
 async def open_on_route(
-    clients: Sequence[UpstreamClient],
+    balancer: Balancer,
+    plan: RoutePlan,
+    clients: Mapping[str, UpstreamClient],
     request: UpstreamRequest,
     on_error: OnUpstreamError,
 ) -> Opened:
-    """Try each upstream in order; return the first usable answer, or raise the last error."""
+    """Ask the balancer for an upstream, and another after each failure, while the plan allows;
+    return the first usable answer, else the last upstream's own non-2xx answer or error.
+
+    Between two attempts on the same upstream: an exponential backoff with jitter; no wait
+    (backoff, pacing) ends past the route's budget."""
+    deadline = balancer.now() + plan.budget_s
+    state = balancer.choose(plan, None, request.affinity_key)
+    assert state is not None  # a first choice always names one (config: one upstream at least)
+    tried: Tried = {}
     # the last failure's parts, not the exception: its traceback holds this frame, and this
     # frame holding it would be a reference cycle only the garbage collector could break
     last_error: GatewayError | None = None
     last_opened: Opened | None = None
-    for attempt, client in enumerate(clients):
+    try:
+        while True:
+            try:
+                client = clients[state.name]
+                opened = await _attempt(balancer, plan, client, state, request, deadline)
+            except _Retryable as failure:
+                if failure.counted:
+                    on_error(state.name, failure.reason)
+                last_error, last_opened = failure.error, failure.opened
+                reason, again = failure.reason, failure.again and failure.verdict != "wait"
+            except GatewayError as error:  # not retried (a timeout), but counted all the same
+                if error.reason is not None:
+                    on_error(state.name, error.reason)
+                raise
+            else:
+                request.release()
+                return opened
+            # an upstream that asked for a pause, or redirected, is not asked again
+            tried[state.name] = tried.get(state.name, 0) + 1 if again else plan.attempts
+            following = balancer.choose(plan, tried, request.affinity_key, request.attempts)
+            delay = _backoff(plan, tried.get(following.name, 0)) if following else 0.0
+            if following is None or balancer.now() + delay > deadline:
+                break
+            if last_opened is not None:
+                last_opened.close()
+                last_opened = None
+            balancer.retried(state, reason)
+            if delay:
+                await asyncio.sleep(delay)
+            state = following
+    except BaseException:
         if last_opened is not None:
             last_opened.close()
-        try:
-            opened = await _attempt(client, request, is_last=attempt == len(clients) - 1)
-        except _Retryable as failure:
-            on_error(client.name, failure.error.reason or "connect")
-            last_error, last_opened = failure.error, failure.opened
-        except GatewayError as error:  # not retried (a timeout), but counted all the same
-            if error.reason is not None:
-                on_error(client.name, error.reason)
-            raise
-        else:
-            request.release()
-            return opened
-    assert last_error is not None  # a route has at least one upstream (config check)
+        raise
     if last_opened is not None:
         return last_opened  # the last upstream's own non-2xx answer, relayed as it is
+    assert last_error is not None
+    last_error.headers.setdefault("Retry-After", balancer.retry_after(plan))
     raise last_error  # (its traceback, dropped where it is answered: app.errors)
 
 
-async def _attempt(client: UpstreamClient, request: UpstreamRequest, is_last: bool) -> Opened:
+def _backoff(plan: RoutePlan, sent: int) -> float:
+    """Seconds before the next send to an upstream already tried `sent` times (0: none)."""
+    if not sent:
+        return 0.0
+    retry = plan.retry
+    ceiling: float = min(retry.max_backoff_ms, retry.backoff_ms * 2.0 ** (sent - 1)) / 1000
+    return ceiling / 2 + random.random() * ceiling / 2
+
+
+async def _attempt(
+    balancer: Balancer,
+    plan: RoutePlan,
+    client: UpstreamClient,
+    state: UpstreamState,
+    request: UpstreamRequest,
+    deadline: float,
+) -> Opened:
+    if state.limiter is not None:
+        await _pace(balancer, state, deadline)
     await _acquire_slot(client)
+    request.attempts += 1
+    probe = balancer.claim(state)
     opened: Opened | None = None
     try:
         response = await _send(client, request)
-        opened = Opened(client, response, b"")
-        _check_status(opened, is_last)
+        opened = Opened(client, response, b"", state)
+        _check_status(opened)
         opened.first_chunk = await _first_chunk(opened)
-        return opened
     except _Retryable as failure:
-        if failure.opened is None and opened is not None:
-            opened.close()
-        elif failure.opened is None:
-            client.slots.release()
+        _tell_health(balancer, plan, state, failure)
+        if failure.opened is None:
+            _let_go(opened, client, state)
+        raise
+    except UpstreamTimeout:
+        balancer.failed(plan, state, "timeout")
+        _let_go(opened, client, state)
         raise
     except BaseException:
-        if opened is not None:
-            opened.close()
-        else:
-            client.slots.release()
+        balancer.abandoned(state, probe)
+        _let_go(opened, client, state)
         raise
+    balancer.succeeded(state)
+    return opened
+
+
+def _let_go(opened: Opened | None, client: UpstreamClient, state: UpstreamState) -> None:
+    if opened is not None:
+        opened.close()
+    else:
+        _free(client, state)
+
+
+def _tell_health(
+    balancer: Balancer, plan: RoutePlan, state: UpstreamState, failure: _Retryable
+) -> None:
+    if failure.verdict == "failure":
+        balancer.failed(plan, state, failure.reason)
+    elif failure.verdict == "wait":
+        balancer.asked_to_wait(plan, state, failure.retry_after_s)
+    else:
+        balancer.succeeded(state)  # it answered (408, 409, 429): alive
+
+
+async def _pace(balancer: Balancer, state: UpstreamState, deadline: float) -> None:
+    """The upstream's `max_requests_per_minute`, waited for within the request's budget."""
+    try:
+        await balancer.pace(state, deadline)
+    except Paced as paced:
+        wait = str(max(1, math.ceil(paced.wait_s)))
+        error = RateLimitExceeded(
+            f"upstream {state.name!r} is at its max_requests_per_minute; retry shortly",
+            headers={"Retry-After": wait},
+        )
+        # (not again: the wait would only be longer, in less of the budget)
+        raise _Retryable(
+            error, verdict="none", counted=False, reason="paced", again=False
+        ) from None
 
 
 async def _acquire_slot(client: UpstreamClient) -> None:
@@ -259,18 +387,43 @@ async def _send(client: UpstreamClient, request: UpstreamRequest) -> upstream_ht
         _fail_before_first_byte(exc, client.name, "send")
 
 
-def _check_status(opened: Opened, is_last: bool) -> None:
-    """5xx, 429 and redirects: fail over while another upstream is left."""
+#: 4xx answers another upstream (or a later attempt) may answer differently
+RETRIED_4XX = frozenset({408, 409, 429})
+
+
+def _check_status(opened: Opened) -> None:
+    """5xx, 408, 409, 429 and redirects: another attempt may serve (the answer is kept, to be
+    relayed if none does). 429 or 503 with Retry-After: the upstream asks for a pause."""
     status = opened.response.status
+    name = opened.upstream.name
     if 300 <= status < 400:
-        error = UpstreamError(
-            f"upstream {opened.upstream.name!r} answered a redirect ({status})", reason="redirect"
-        )
-        raise _Retryable(error)
-    if status >= 500 or status == 429:
-        reason = "status_429" if status == 429 else "status_5xx"
-        error = UpstreamError(f"upstream {opened.upstream.name!r} answered {status}", reason=reason)
-        raise _Retryable(error, None if not is_last else opened)
+        error = UpstreamError(f"upstream {name!r} answered redirect {status}", reason="redirect")
+        raise _Retryable(error, again=False)
+    if status < 500 and status not in RETRIED_4XX:
+        return
+    reason = "status_5xx" if status >= 500 else f"status_{status}"
+    error = UpstreamError(f"upstream {name!r} answered {status}", reason=reason)
+    wait_s = None
+    if status in (429, 503):
+        wait_s = retry_after_seconds(opened.response.headers.get("Retry-After"))
+    if wait_s is not None:
+        raise _Retryable(error, opened, verdict="wait", retry_after_s=wait_s)
+    raise _Retryable(error, opened, verdict="failure" if status >= 500 else "none")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds (delta-seconds or an HTTP date), None if absent or bad."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return seconds if seconds > 0 and math.isfinite(seconds) else None
 
 
 async def _first_chunk(opened: Opened) -> bytes:

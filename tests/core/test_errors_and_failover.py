@@ -80,9 +80,12 @@ async def test_body_over_the_limit_is_413(upstream: FakeUpstream) -> None:
 async def test_unreachable_upstream_is_502() -> None:
     port = closed_port()
     async with running_gateway(settings_for(f"http://127.0.0.1:{port}/v1")) as gw:
-        status, _, body = await post(gw, CHAT)
-        assert gw.metric("gateway_upstream_errors_total", upstream="up0", reason="connect") == 1
+        status, headers, body = await post(gw, CHAT)
+        # tried twice (retry.attempts defaults to 2), each failure counted
+        assert gw.metric("gateway_upstream_errors_total", upstream="up0", reason="connect") == 2
+        assert gw.metric("gateway_upstream_retries_total", upstream="up0", reason="connect") == 1
     assert status == 502
+    assert int(headers["retry-after"]) >= 1
     assert_openai_error(body, "upstream_error")
     assert str(port) not in body.decode()  # the client never learns the upstream's address
 

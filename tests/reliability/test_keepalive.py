@@ -99,8 +99,9 @@ async def test_an_upstream_failure_after_a_comment_ends_with_an_sse_error_event(
         with capture_logs() as logs:
             answer = await post(gw, chat({"headers_delay_ms": 300, "fault": fault}))
             line = await request_line(logs)
-        assert upstream_errors(gw, reason) == 1
-        assert all_upstream_errors(gw) == 1  # counted once, under its own reason
+        # sent twice (retry.attempts is 2), each attempt counted under its own reason
+        assert upstream_errors(gw, reason) == 2
+        assert all_upstream_errors(gw) == 2
         await settled(gw)
     assert answer.status == 200 and answer.body.startswith(KEEPALIVE_COMMENT)
     assert sse_error(answer)["code"] == code

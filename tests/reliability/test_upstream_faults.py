@@ -44,7 +44,7 @@ async def test_connection_refused_is_502_counted_as_connect() -> None:
         with capture_logs() as logs:
             answer = await post(gw, chat(model="test-1"))
             line = await request_line(logs)
-        assert upstream_errors(gw, "connect", "up0") == 1
+        assert upstream_errors(gw, "connect", "up0") == 2  # sent twice: retry.attempts is 2
         assert gw.metric(
             "gateway_requests_total", team="anonymous", model="test-*", upstream="up0", code="502"
         )
@@ -58,7 +58,7 @@ async def test_reset_before_headers_is_502_counted_as_reset() -> None:
         with capture_logs() as logs:
             answer = await post(gw, chat({"fault": "reset_before_headers"}))
             line = await request_line(logs)
-        assert upstream_errors(gw, "reset") == 1
+        assert upstream_errors(gw, "reset") == 2  # sent twice: retry.attempts is 2
         await settled(gw)
     assert_openai_error(answer, 502, "upstream_error")
     assert (line["end"], line["status"], line["error_code"]) == (
@@ -173,7 +173,7 @@ async def test_a_5xx_with_an_html_body_becomes_an_openai_shaped_502() -> None:
         with capture_logs() as logs:
             answer = await post(gw, chat({"fault": "html_500"}))
             line = await request_line(logs)
-        assert upstream_errors(gw, "status_5xx") == 1
+        assert upstream_errors(gw, "status_5xx") == 2  # sent twice: retry.attempts is 2
         await settled(gw)
     assert_openai_error(answer, 502, "upstream_error")
     assert "<html>" not in answer.json()["error"]["message"]

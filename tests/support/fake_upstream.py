@@ -8,6 +8,7 @@ splits its stream. It records what it received and counts TCP connections.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class FakeUpstream:
     scripts: list[Script] = field(default_factory=list)
     default: Script = field(default_factory=lambda: Script([b"data: [DONE]\n\n"]))
     received: list[Received] = field(default_factory=list)
+    #: when each request arrived (time.monotonic())
+    received_at: list[float] = field(default_factory=list)
     connections_opened: int = 0
     connections_closed: int = 0
     closed_events: asyncio.Queue[float] = field(default_factory=asyncio.Queue)
@@ -59,6 +62,7 @@ class FakeUpstream:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        self.received_at.append(time.monotonic())
         self.received.append(
             Received(
                 request.method, request.path, request.query_string, dict(request.headers), body
