@@ -102,12 +102,13 @@ async def test_a_proxy_refusing_connect_is_a_502_upstream_error(
     ):
         with pytest.raises(openai.APIStatusError) as raised:
             await stream_text(gw)
-        assert gw.metric("gateway_upstream_errors_total", upstream="up0", reason="connect") == 1
+        # one send and its retry (routes[].retry.attempts: 2), each refused by the proxy
+        assert gw.metric("gateway_upstream_errors_total", upstream="up0", reason="connect") == 2
     assert raised.value.status_code == 502
     assert isinstance(raised.value.body, dict)
     assert raised.value.body["code"] == "upstream_error"
     assert "ConnectFailed" in raised.value.body["message"]
-    assert proxy.authorizations == ["Basic Z3c6cHc="]  # gw:pw
+    assert proxy.authorizations == ["Basic Z3c6cHc="] * 2  # gw:pw
     assert upstream.received == []
 
 
