@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -35,11 +34,11 @@ from .errors import (
     ServiceUnavailable,
     UpstreamError,
     drop_tracebacks,
-    sse_error_event,
 )
-from .ledger import Ledger
+from .ledger import COMPLETION_ENDPOINTS, Ledger
 from .relay import RelayResult, pump
 from .request_parse import MODEL_ENDPOINTS, ParsedRequest, parse_request
+from .response_routes import response_id_of
 from .routing import RouteMatch
 from .upstream import (
     OnUpstreamError,
@@ -67,7 +66,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         gate = await enter_gate(comp, ctx)
         try:
             admitted = await admit(comp, ctx, request.get(TEAM), match, parsed.doc, parsed.body)
-            ledger = Ledger(comp, ctx, match, admitted)
+            ledger = Ledger(comp, ctx, match, admitted, parsed.tail)
             try:
                 return await _serve(request, ledger, parsed)
             except asyncio.CancelledError:
@@ -108,10 +107,11 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
         body=parsed.body,
         headers=_forwarded_headers(request, parsed),
         request_id=ctx.request_id,
-        injected_body=_injected_body(comp, route, parsed.doc),
+        injected_body=_injected_body(comp, route, parsed),
     )
+    about = response_id_of(parsed.tail, parsed.doc)
     parsed.release()
-    clients = [comp.upstreams[name] for name in route.upstreams]
+    clients = await _clients(comp, route, about)
     if parsed.stream and route.keepalive_comment_s:
         return await _serve_with_keepalive(request, ledger, clients, upstream_request)
     # (no local for the callback: this frame lasts as long as the stream)
@@ -120,6 +120,17 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
         return await _answer(request, ledger, opened, None, upstream_request)
     finally:
         opened.close()
+
+
+async def _clients(comp: Components, route: Route, about: str | None) -> list[UpstreamClient]:
+    """The route's upstreams in order; for a request about an existing Responses API
+    response, the one upstream that created it, when the gateway saw that (see
+    gateway.response_routes)."""
+    if about is not None:
+        name = await comp.responses.find(about, comp.limiter)
+        if name is not None and name in comp.upstreams:
+            return [comp.upstreams[name]]
+    return [comp.upstreams[name] for name in route.upstreams]
 
 
 def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[str, str]:
@@ -132,9 +143,13 @@ def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[s
     return headers
 
 
-def _injected_body(comp: Components, route: Route, doc: dict[str, Any] | None) -> bytes | None:
-    """With `usage: inject`, the body asking upstream for include_usage (None if not needed)."""
-    if doc is None or doc.get("stream") is not True:
+def _injected_body(comp: Components, route: Route, parsed: ParsedRequest) -> bytes | None:
+    """With `usage: inject`, the body asking upstream for include_usage (None if not needed).
+
+    Only chat and completions have `stream_options.include_usage`: a Responses API stream
+    always ends with its usage, and that API refuses the option."""
+    doc = parsed.doc
+    if doc is None or doc.get("stream") is not True or parsed.tail not in COMPLETION_ENDPOINTS:
         return None
     options = doc.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
@@ -190,7 +205,7 @@ async def _serve_with_keepalive(
     except asyncio.CancelledError:
         task.cancel()
         if resp is not None and comp.lifecycle.was_cut():
-            return await _end_cut_stream(ctx, resp)
+            return await _end_cut_stream(ledger, resp)
         raise
     except BaseException:
         task.cancel()
@@ -201,7 +216,7 @@ async def _serve_with_keepalive(
         try:
             opened = task.result()
         except GatewayError as error:  # open_on_route counted it
-            await _fail_after_comments(ctx, resp, error)
+            await _fail_after_comments(ledger, resp, error)
             return resp
     try:
         return await _answer(request, ledger, opened, resp, upstream_request)
@@ -210,7 +225,7 @@ async def _serve_with_keepalive(
 
 
 async def _fail_after_comments(
-    ctx: RequestContext, resp: web.StreamResponse, error: GatewayError
+    ledger: Ledger, resp: web.StreamResponse, error: GatewayError
 ) -> None:
     """A stream that failed after keep-alive comments (the 200 is sent): the error goes out as
     an SSE event.
@@ -218,8 +233,8 @@ async def _fail_after_comments(
     The error ends here, not in the `errors` middleware: its tracebacks go here too (see
     `drop_tracebacks`)."""
     drop_tracebacks(error)
-    ctx.error = error
-    await resp.write(sse_error_event(error))
+    ledger.ctx.error = error
+    await resp.write(ledger.error_event(error))
 
 
 async def _answer(
@@ -249,7 +264,7 @@ async def _answer(
     except asyncio.CancelledError:
         if not comp.lifecycle.was_cut():
             raise
-        return await _end_cut_stream(ctx, resp)
+        return await _end_cut_stream(ledger, resp)
     _report_relay(comp, ctx, result)
     if result.outcome == "completed":
         if (event_error := ledger.upstream_error_event()) is not None:
@@ -274,15 +289,16 @@ def _report_stream_error(comp: Components, ctx: RequestContext, error: GatewayEr
         comp.metrics.upstream_errors.labels(ctx.upstream, error.reason).inc()
 
 
-async def _end_cut_stream(ctx: RequestContext, resp: web.StreamResponse) -> web.StreamResponse:
+async def _end_cut_stream(ledger: Ledger, resp: web.StreamResponse) -> web.StreamResponse:
     """The drain's grace ran out during this stream: an SSE error event tells the client (its
     SDK raises instead of keeping half an answer), then the response ends normally."""
     _uncancel()
+    ctx = ledger.ctx
     error = ctx.error = _shutdown_error()
     if ctx.stream:
         with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
             async with asyncio.timeout(CUT_WRITE_S):
-                await resp.write(sse_error_event(error))
+                await resp.write(ledger.error_event(error))
                 await resp.write_eof()
     return resp
 
@@ -318,14 +334,14 @@ async def _upstream_refused(
         )
         if resp is None:
             raise error
-        await _fail_after_comments(ctx, resp, error)  # open_on_route counted it (status_5xx)
+        await _fail_after_comments(ledger, resp, error)  # open_on_route counted it (status_5xx)
         return resp
     ctx.upstream_refused, ctx.upstream_code = True, code
     if resp is not None:
         refusal = GatewayError(
             f"The upstream answered {status}: {message}", status=status, code=code
         )
-        await resp.write(sse_error_event(refusal))
+        await resp.write(ledger.error_event(refusal))
         return resp
     headers = response_headers(opened.response.headers)
     headers.update(ledger.admitted.limit_headers)
