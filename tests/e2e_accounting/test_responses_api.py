@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import openai
 import orjson
 import pytest
+from openai.types.responses import ResponseStreamEvent
 
 from gateway.config import Settings, Team, TeamLimits
 from tests.accounting.responses_streams import (
@@ -193,12 +194,19 @@ async def test_a_failed_response_ends_as_an_upstream_error_with_its_usage(
     assert finished(observed, "error") == 1
 
 
+async def slow_stream(
+    upstream: FakeUpstream, sdk: openai.AsyncOpenAI, deltas: int
+) -> openai.AsyncStream[ResponseStreamEvent]:
+    """A stream of `deltas` one-word deltas, 50 ms apart, its usage saying as many tokens."""
+    slow = text_stream([f"w{i} " for i in range(deltas)], used=usage(5, deltas))
+    upstream.scripts.append(Script(slow, pause_s=0.05))
+    return await sdk.responses.create(model=MODEL, input="hi", stream=True)
+
+
 async def test_a_client_that_leaves_mid_stream_is_billed_what_was_counted(
     upstream: FakeUpstream, observed: Observed, sdk: openai.AsyncOpenAI
 ) -> None:
-    slow = text_stream([f"w{i} " for i in range(40)], used=usage(5, 40))
-    upstream.scripts.append(Script(slow, pause_s=0.05))
-    stream = await sdk.responses.create(model=MODEL, input="hi", stream=True)
+    stream = await slow_stream(upstream, sdk, 40)
     deltas = 0
     async for event in stream:
         deltas += event.type == "response.output_text.delta"
@@ -216,9 +224,7 @@ async def test_a_client_that_leaves_mid_stream_is_billed_what_was_counted(
 async def test_tokens_grow_while_a_slow_responses_stream_runs(
     upstream: FakeUpstream, observed: Observed, sdk: openai.AsyncOpenAI
 ) -> None:
-    slow = text_stream([f"w{i} " for i in range(30)], used=usage(5, 30))
-    upstream.scripts.append(Script(slow, pause_s=0.05))
-    stream = await sdk.responses.create(model=MODEL, input="hi", stream=True)
+    stream = await slow_stream(upstream, sdk, 30)
     readings: list[tuple[int, float]] = []  # (deltas the client read, tokens counted)
     deltas = 0
     async for event in stream:
