@@ -4,7 +4,7 @@ the upstream splits them; requests about a response go to the upstream that crea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import msgspec
@@ -31,7 +31,7 @@ __all__ = ["redis_server"]
 
 REQUEST = {"model": "test-1", "stream": True, "input": "hi"}
 #: how each body goes out of the upstream: as its events, byte by byte, in 1 KiB writes
-SPLITS = {
+SPLITS: dict[str, Callable[[list[bytes]], list[bytes]]] = {
     "events": lambda events: events,
     "bytewise": lambda events: [bytes([b]) for b in body(events)],
     "kib": lambda events: [body(events)[i : i + 1024] for i in range(0, len(body(events)), 1024)],
@@ -169,3 +169,26 @@ async def test_replicas_sharing_redis_limits_share_where_responses_live(
         assert await request(session, "GET", f"{two.base_url}/responses/{RESPONSE_ID}") == 200
         assert len(two.components.responses) == 0
     assert [r.method for r in second.received] == ["POST", "GET"]
+
+
+async def test_the_drain_cuts_a_responses_stream_with_the_apis_error_event(
+    upstream: FakeUpstream,
+) -> None:
+    """SIGTERM's grace ran out (Lifecycle.cut): the stream ends with `event: error`, numbered
+    after the last event relayed, as every other way the gateway ends a Responses stream."""
+    upstream.scripts.append(Script(TEXT[:5], then="hang"))
+    async with (
+        running_gateway(settings_for(upstream.base_url)) as gw,
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.base_url}/responses", data=orjson.dumps(REQUEST)) as resp,
+    ):
+        received = b""
+        while received.count(b"\n\n") < 5:
+            received += await resp.content.readany()
+        assert gw.components.lifecycle.cut() == 1
+        received += await resp.content.read()
+    assert received.startswith(body(TEXT[:5]))
+    added = received[len(body(TEXT[:5])) :]
+    assert added.startswith(b"event: error\ndata: ")
+    data = orjson.loads(added.split(b"data: ", 1)[1])
+    assert (data["type"], data["code"], data["sequence_number"]) == ("error", "gateway_shutdown", 5)

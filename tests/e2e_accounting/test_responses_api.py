@@ -17,7 +17,7 @@ import orjson
 import pytest
 from openai.types.responses import ResponseStreamEvent
 
-from gateway.config import Settings, Team, TeamLimits
+from gateway.config import Limits, Settings, Team, TeamLimits
 from tests.accounting.responses_streams import (
     CUT,
     RESPONSE_ID,
@@ -285,3 +285,32 @@ async def test_relayed_bytes_are_the_upstreams_plus_one_responses_error_event(
         "upstream_truncated",
     )
     assert RESPONSE_ID.encode() in sent
+
+
+async def test_the_budget_cut_ends_a_responses_stream_with_its_own_error_event(
+    upstream: FakeUpstream,
+) -> None:
+    limited = Team(name="search", keys=(TEAM_KEY,), limits=TeamLimits(tokens_per_minute=100))
+    base = fake_settings(upstream.base_url)
+    settings = Settings(
+        upstreams=base.upstreams,
+        routes=base.routes,
+        teams=(limited,),
+        limits=Limits(on_token_budget_exceeded="cut"),
+    )
+    long = text_stream(["tok "] * 500, used=usage(1, 500))
+    upstream.scripts.append(Script(long, pause_s=0.002))  # one read per event, or nearly
+    async with observed_gateway(settings) as obs, await client(obs.gw.base_url, TEAM_KEY) as sdk:
+        raw = await sdk.responses.with_raw_response.create(
+            model=MODEL, input="hi", stream=True, max_output_tokens=10
+        )
+        received = await raw.http_response.aread()
+        line = await one_request_line(obs.logs)
+    *_, last = received.removesuffix(b"\n\n").split(b"\n\n")
+    assert last.startswith(b"event: error\ndata: ")
+    data = orjson.loads(last.split(b"data: ", 1)[1])
+    assert data["code"] == data["error"]["code"] == "token_budget_exceeded"
+    relayed = received.count(b"event: ") - 1  # the upstream's events, numbered from 0
+    assert data["sequence_number"] == relayed
+    assert received.count(b"response.output_text.delta\n") < 500
+    assert (line["end"], line["error_code"]) == ("limit", "token_budget_exceeded")
