@@ -152,6 +152,9 @@ class Ledger:
             comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
             self._gaps = comp.metrics.gaps(ctx.model)
             plan.on_chunk_gap = self._gaps.observe
+            # a Responses API stream, by its path or by its first event (once per request)
+            self.responses = self.responses or opened.first_chunk.startswith(_RESPONSES_STREAM)
+            plan.error_event = self.error_event
         if not self.match.route.accounting or tail.startswith("responses/"):
             return plan  # (reading a stored response again is not a new answer to count)
         tokens = comp.metrics.tokens
@@ -165,8 +168,7 @@ class Ledger:
         if not sse:
             self.meter = plan.observer = JsonMeter(tokenizer, estimate)
             return plan
-        if self.responses or opened.first_chunk.startswith(_RESPONSES_STREAM):
-            self.responses = True  # (once per request: the events' shape, not each event's)
+        if self.responses:
             meter: StreamMeter | ResponsesMeter
             meter = ResponsesMeter(tokenizer, self.live, estimate, self._remember_response)
             plan.observer = comp.metrics.batch.defer(meter.feed)
@@ -177,7 +179,6 @@ class Ledger:
             else:
                 plan.observer = comp.metrics.batch.defer(meter.feed)
         self.meter = meter
-        plan.error_event = self.error_event
         cut = comp.settings.limits.on_token_budget_exceeded == "cut"
         if cut and self.admitted.admissions:
             plan.over_budget = self._cut_check(plan)
