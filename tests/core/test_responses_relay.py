@@ -10,6 +10,7 @@ import aiohttp
 import msgspec
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.config import Limits, Settings
 from tests.accounting.responses_streams import (
@@ -20,9 +21,12 @@ from tests.accounting.responses_streams import (
     body,
     message,
     response,
+    text_stream,
+    usage,
 )
 from tests.core.conftest import settings_for
 from tests.core.test_byte_exact_relay import fetch
+from tests.e2e_accounting.helpers import eventually
 from tests.support.fake_upstream import FakeUpstream, Script, fake_upstream
 from tests.support.gateway import running_gateway
 from tests.support.redis_server import RedisServer, redis_server
@@ -192,3 +196,42 @@ async def test_the_drain_cuts_a_responses_stream_with_the_apis_error_event(
     assert added.startswith(b"event: error\ndata: ")
     data = orjson.loads(added.split(b"data: ", 1)[1])
     assert (data["type"], data["code"], data["sequence_number"]) == ("error", "gateway_shutdown", 5)
+
+
+async def test_an_event_past_the_meters_cap_is_relayed_whole_and_counted_as_an_error(
+    upstream: FakeUpstream,
+) -> None:
+    """A 9 MiB terminal event (over MAX_EVENT_BYTES): the client gets every byte, the meter
+    skips it with a counted, logged error, and the stream is not taken for a truncated one."""
+    events = text_stream(["Hi"], used=usage(3, 1), instructions="x" * (9 << 20))
+    events[:2] = text_stream(["Hi"], used=None)[:2]  # a small response.created, in_progress
+    sent = body(events)
+    upstream.scripts.append(Script([sent[i : i + 65536] for i in range(0, len(sent), 65536)]))
+    with capture_logs() as logs:
+        async with running_gateway(settings_for(upstream.base_url)) as gw:
+            status, _, received = await fetch(f"{gw.base_url}/responses", REQUEST)
+            assert (status, received == sent) == (200, True)
+            await eventually(lambda: any(e.get("event") == "request" for e in logs))
+            assert gw.metric("gateway_sse_decode_errors_total", model="test-*") == 1
+    (line,) = [e for e in logs if e.get("event") == "request"]
+    assert (line["end"], line["completion_tokens"], line["usage_source"]) == (
+        "completed",
+        1,
+        "estimate",
+    )
+    assert [e["events"] for e in logs if e.get("event") == "sse_event_too_large"] == [1]
+
+
+async def test_usage_inject_leaves_a_responses_request_body_untouched(
+    upstream: FakeUpstream,
+) -> None:
+    """`include_usage` is chat's: the Responses API refuses it, and always sends its usage."""
+    upstream.scripts.append(Script(TEXT))
+    raw = orjson.dumps(REQUEST)
+    async with (
+        running_gateway(settings_for(upstream.base_url, usage="inject")) as gw,
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.base_url}/responses", data=raw) as resp,
+    ):
+        assert await resp.read() == body(TEXT)
+    assert upstream.received[0].body == raw
