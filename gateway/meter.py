@@ -732,7 +732,8 @@ class ResponsesMeter(_Reporting):
     @property
     def next_sequence_number(self) -> int:
         """The sequence number an event the gateway adds after the last one seen must carry."""
-        return self._seq + 1 + self._events - self._seq_at
+        seen = self._events + self._decoder.oversized  # (an event too large to read counts)
+        return self._seq + 1 + seen - self._seq_at
 
     def feed(self, chunk: bytes) -> None:
         """Count the events that this chunk of the stream completes."""
@@ -765,7 +766,7 @@ class ResponsesMeter(_Reporting):
             return
         seq = obj.get("sequence_number")
         if type(seq) is int:
-            self._seq, self._seq_at = seq, self._events
+            self._seq, self._seq_at = seq, self._events + self._decoder.oversized
         if reasoning is not None:
             if ledger.text(obj.get("delta"), reasoning):
                 ledger.chunks += 1

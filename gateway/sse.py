@@ -66,7 +66,9 @@ class SSEDecoder:
 
     `max_event_bytes` (feed mode only; a meter's copy): a frame that grows past it is
     dropped, not buffered: the decoder skips to the frame's end and counts it in
-    `oversized`. The relay's own frame mode never drops bytes and takes no bound.
+    `oversized`. (A read that is exactly one event takes the one-event shortcuts whatever
+    its size: it is already in memory, and the transport bounds a read far below any cap.)
+    The relay's own frame mode never drops bytes and takes no bound.
     """
 
     __slots__ = (

@@ -303,3 +303,10 @@ def test_embeddings_answer_takes_its_prompt_tokens_and_has_no_completion() -> No
         0,
         "upstream",
     )
+
+
+def test_events_too_large_to_read_still_count_toward_the_next_sequence_number() -> None:
+    meter = ResponsesMeter(Letters(), Sink(), 0, max_event_bytes=64 << 10)
+    for event in BIG[:-1]:  # response.created and response.in_progress are too large to read
+        meter.feed(event)
+    assert meter.next_sequence_number == len(BIG) - 1
