@@ -102,7 +102,6 @@ class Ledger:
         "match",
         "meter",
         "responses",
-        "tail",
     )
 
     def __init__(
@@ -114,8 +113,9 @@ class Ledger:
         tail: str,
     ) -> None:
         self.comp, self.ctx, self.match, self.admitted = comp, ctx, match, admitted
-        #: the path after /v1/, and whether it speaks the Responses API's events
-        self.tail, self.responses = tail, tail == RESPONSES
+        #: whether the answer speaks the Responses API's events (the path after /v1/ says so,
+        #: or the stream's first event: see `plan`)
+        self.responses = tail == RESPONSES
         self.meter: StreamMeter | ResponsesMeter | JsonMeter | None = None
         self.live: LiveCount | None = None
         self._stream_started: float | None = None

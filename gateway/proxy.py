@@ -111,7 +111,7 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
     )
     about = response_id_of(parsed.tail, parsed.doc)
     parsed.release()
-    clients = await _clients(comp, route, about)
+    clients = _route_clients(comp, route) if about is None else await _creator(comp, route, about)
     if parsed.stream and route.keepalive_comment_s:
         return await _serve_with_keepalive(request, ledger, clients, upstream_request)
     # (no local for the callback: this frame lasts as long as the stream)
@@ -122,15 +122,17 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
         opened.close()
 
 
-async def _clients(comp: Components, route: Route, about: str | None) -> list[UpstreamClient]:
-    """The route's upstreams in order; for a request about an existing Responses API
-    response, the one upstream that created it, when the gateway saw that (see
-    gateway.response_routes)."""
-    if about is not None:
-        name = await comp.responses.find(about, comp.limiter)
-        if name is not None and name in comp.upstreams:
-            return [comp.upstreams[name]]
+def _route_clients(comp: Components, route: Route) -> list[UpstreamClient]:
     return [comp.upstreams[name] for name in route.upstreams]
+
+
+async def _creator(comp: Components, route: Route, response_id: str) -> list[UpstreamClient]:
+    """For a request about an existing Responses API response: the one upstream that created
+    it, when the gateway saw that (gateway.response_routes), else the route's upstreams."""
+    name = await comp.responses.find(response_id, comp.limiter)
+    if name is not None and name in comp.upstreams:
+        return [comp.upstreams[name]]
+    return _route_clients(comp, route)
 
 
 def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[str, str]:
