@@ -691,36 +691,6 @@ _RESPONSE_EVENTS = frozenset(
 _ERROR_EVENT = b"error"
 
 
-_DELTA_KEY = b'"delta":"'
-
-
-def _plain_delta(data: bytes) -> str | None:
-    """The `delta` of a delta event, read off its bytes when it is a plain JSON string (no
-    quote, escape or control character; valid UTF-8) and the key shows up once, else None
-    (then the event is parsed). Inside a JSON string every quote is escaped, so the bytes
-    `"delta":"` can only be the key itself. The event's other fields are not read: a delta
-    event carries nothing else the meter counts, and its sequence number follows the last
-    one read (see `ResponsesMeter.next_sequence_number`).
-    """
-    start = data.find(_DELTA_KEY)
-    if start < 0:
-        return None
-    start += len(_DELTA_KEY)
-    end = data.find(b'"', start)
-    if end < 0 or data.find(_DELTA_KEY, end) >= 0:
-        return None
-    raw = data[start:end]
-    return None if _NOT_PLAIN.search(raw) else _utf8(raw)
-
-
-def _utf8(raw: bytes) -> str | None:
-    """(`_Template.text` does the same inline: chat's hottest line saves the call.)"""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return None
-
-
 class ResponsesMeter(_Reporting):
     """Counts a Responses API stream in real time: typed events (`event: <type>` and a JSON
     `data:` with the same `type` and a `sequence_number`), no `[DONE]`.
@@ -739,7 +709,6 @@ class ResponsesMeter(_Reporting):
         "_prompt_estimate",
         "_seq",
         "_seq_at",
-        "_shortcut",
         "_tally",
     )
 
@@ -750,13 +719,8 @@ class ResponsesMeter(_Reporting):
         prompt_estimate: int,
         on_response_id: Callable[[str], None] | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
-        *,
-        shortcut: bool = True,
     ) -> None:
         super().__init__(_Ledger(tokenizer), sink)
-        #: read a delta off the bytes when it is plain (see `_plain_delta`); off only in
-        #: tests, which check that it changes no count
-        self._shortcut = shortcut
         self._decoder = SSEDecoder(max_event_bytes)
         self._prompt_estimate = prompt_estimate
         self._on_id = on_response_id
@@ -787,10 +751,6 @@ class ResponsesMeter(_Reporting):
         self._events += 1
         ledger = self._ledger
         reasoning = _DELTA_EVENTS.get(name) if name is not None else None
-        if reasoning is not None and self._shortcut and (text := _plain_delta(data)) is not None:
-            if ledger.text(text, reasoning):
-                ledger.chunks += 1
-            return
         if reasoning is None and name not in _RESPONSE_EVENTS and name != _ERROR_EVENT:
             if name is not None:
                 return  # an event that carries no output: not parsed

@@ -32,7 +32,6 @@ from tests.accounting.responses_streams import (
     reasoning_stream,
     refusal_stream,
     response,
-    text_stream,
     usage,
 )
 from tests.accounting.test_meter import Letters, Sink
@@ -311,12 +310,3 @@ def test_events_too_large_to_read_still_count_toward_the_next_sequence_number() 
     for event in BIG[:-1]:  # response.created and response.in_progress are too large to read
         meter.feed(event)
     assert meter.next_sequence_number == len(BIG) - 1
-
-
-@pytest.mark.parametrize("name", sorted(CORPUS))
-def test_reading_plain_deltas_off_the_bytes_changes_no_count(name: str) -> None:
-    escaped = text_stream(['say "hi"\n', "tab\there", "é", "\\", "plain"], used=None, terminal="")
-    for events in (CORPUS[name], escaped):
-        fast, fast_sink, _ = run(events)
-        slow, slow_sink, _ = run(events, shortcut=False)
-        assert (fast, fast_sink.calls) == (slow, slow_sink.calls)
