@@ -109,7 +109,7 @@ async def _estimate(doc: dict[str, Any] | None, body: bytes, tokenizer: Tokenize
 def _max_tokens(doc: dict[str, Any] | None, default: int) -> int:
     if doc is None:
         return 0
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = doc.get(key)
         if isinstance(value, int) and value > 0:
             return value

@@ -19,6 +19,7 @@ from .config import Settings, Team
 from .context import RequestContext
 from .limits import InflightGate, Limiter
 from .metrics import GatewayMetrics
+from .response_routes import ResponseRoutes
 from .routing import Router
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
@@ -112,6 +113,8 @@ class Components:
     balancer: Balancer
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    #: which upstream created each Responses API response the gateway relayed
+    responses: ResponseRoutes = field(default_factory=ResponseRoutes)
 
 
 COMPONENTS = web.AppKey("components", Components)

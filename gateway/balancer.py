@@ -28,6 +28,7 @@ cooldown's end or its trial request will tell).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import random
@@ -169,6 +170,14 @@ class Balancer:
         if found is None or found.route is not route:
             found = self._plan(route)
         return found
+
+    def pinned(self, plan: RoutePlan, name: str) -> RoutePlan:
+        """`plan` narrowed to the one upstream `name`: a request only it can answer (about a
+        response it created). Retries as the route's; no failover to another upstream."""
+        state = self.upstreams[name]
+        return dataclasses.replace(
+            plan, tiers=((state,),), members=(state,), attempts=max(plan.retry.attempts, 1)
+        )
 
     def _plan(self, route: Route) -> RoutePlan:
         tiers = tuple(tuple(self.upstreams[name] for name in tier) for tier in route.tiers)

@@ -36,6 +36,8 @@ class RequestContext:
     chunks: int = 0
     #: how many times the request was sent upstream (retries and failover included)
     attempts: int = 0
+    #: prompt tokens the upstream read from its cache (a subset of prompt_tokens), if it said
+    cached_prompt_tokens: int | None = None
 
     # -- facts, reported by the modules that saw them ------------------------------------------
     #: the error the client was told about: a JSON answer, or the SSE event that ended a stream
@@ -67,6 +69,7 @@ class RequestContext:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "usage_source": self.usage_source,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "duration_ms": round(duration_ms, 3),

@@ -11,9 +11,9 @@
     └── UpstreamTimeout               504 upstream_timeout
 
 Before a stream starts, `error_response` turns any of these into `{"error": {"message", "type",
-"param", "code"}}` with its status. Once a stream has started, `sse_error_event` gives the one
-`data: {"error": ...}` event that ends it, so SDK clients raise instead of returning half an
-answer.
+"param", "code"}}` with its status. Once a stream has started, `stream_error_event` gives the
+one event that ends it, so SDK clients raise instead of returning half an answer: chat's
+`data: {"error": ...}`, or on a Responses API stream an `event: error` in that API's shape.
 """
 
 from __future__ import annotations
@@ -123,3 +123,30 @@ def error_response(error: GatewayError) -> web.Response:
 
 def sse_error_event(error: GatewayError) -> bytes:
     return b"data: " + orjson.dumps(error.body()) + b"\n\n"
+
+
+def responses_error_event(error: GatewayError, sequence_number: int) -> bytes:
+    """The event that ends a Responses API stream the gateway has to cut.
+
+    It is the API's own `error` event (`type`, `code`, `message`, `param`,
+    `sequence_number`, after an `event: error` line), and it carries the `error` object of
+    `error_response` as well: openai-python's `Stream` raises `APIError` on any event whose
+    JSON has a truthy `error` (it does not raise on a bare `type: error` event, nor on
+    `response.failed`); openai-node's `Stream` raises on an `event: error` (with `data.error`
+    and `data.message`) and on any `response.*` or unnamed event with a truthy `data.error`.
+    """
+    body = error.body()
+    event = {
+        "type": "error",
+        "code": error.code,
+        "message": error.message,
+        "param": error.param,
+        "sequence_number": sequence_number,
+        **body,
+    }
+    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def stream_error_event(error: GatewayError, responses: bool, sequence_number: int = 0) -> bytes:
+    """The error event that ends a stream: the one place its shape follows the endpoint."""
+    return responses_error_event(error, sequence_number) if responses else sse_error_event(error)

@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from prometheus_client import Counter
 
 from .admission import Admitted
 from .context import RequestContext
-from .errors import GatewayError, UpstreamError
+from .errors import GatewayError, UpstreamError, stream_error_event
 from .limits import Admission
-from .meter import JsonMeter, StreamMeter, Tally
+from .meter import MAX_EVENT_BYTES, JsonMeter, ResponsesMeter, StreamMeter, Tally
 from .metrics import BatchedObserver, finish_reason_label
 from .relay import Observer, RelayPlan
 from .routing import RouteMatch
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 #: streams that end with `finish_reason` or `[DONE]`: one that ends with neither was cut short
 COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+#: the Responses API's create endpoint: typed events, ending with a terminal one
+RESPONSES = "responses"
+#: the start of a Responses API stream, whatever path it came on
+_RESPONSES_STREAM = b"event: response."
 
 
 class LiveCount:
@@ -96,13 +101,22 @@ class Ledger:
         "live",
         "match",
         "meter",
+        "responses",
     )
 
     def __init__(
-        self, comp: Components, ctx: RequestContext, match: RouteMatch, admitted: Admitted
+        self,
+        comp: Components,
+        ctx: RequestContext,
+        match: RouteMatch,
+        admitted: Admitted,
+        tail: str,
     ) -> None:
         self.comp, self.ctx, self.match, self.admitted = comp, ctx, match, admitted
-        self.meter: StreamMeter | JsonMeter | None = None
+        #: whether the answer speaks the Responses API's events (the path after /v1/ says so,
+        #: or the stream's first event: see `plan`)
+        self.responses = tail == RESPONSES
+        self.meter: StreamMeter | ResponsesMeter | JsonMeter | None = None
         self.live: LiveCount | None = None
         self._stream_started: float | None = None
         self._gaps: BatchedObserver | None = None
@@ -138,8 +152,11 @@ class Ledger:
             comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
             self._gaps = comp.metrics.gaps(ctx.model)
             plan.on_chunk_gap = self._gaps.observe
-        if not self.match.route.accounting:
-            return plan
+            # a Responses API stream, by its path or by its first event (once per request)
+            self.responses = self.responses or opened.first_chunk.startswith(_RESPONSES_STREAM)
+            plan.error_event = self.error_event
+        if not self.match.route.accounting or tail.startswith("responses/"):
+            return plan  # (reading a stored response again is not a new answer to count)
         tokens = comp.metrics.tokens
         self.live = LiveCount(
             tokens.labels(ctx.team, ctx.model, "completion"),
@@ -147,20 +164,40 @@ class Ledger:
             self.admitted.admissions,
         )
         tokenizer = comp.tokenizers[self.match.route.tokenizer]
+        estimate = self.admitted.prompt_estimate
         if not sse:
-            self.meter = plan.observer = JsonMeter(tokenizer, self.admitted.prompt_estimate)
+            self.meter = plan.observer = JsonMeter(tokenizer, estimate)
             return plan
-        meter = self.meter = StreamMeter(tokenizer, self.live, self.admitted.prompt_estimate)
-        if injected and opened.upstream.settings.usage == "inject":
-            plan.frame_filter = meter
-        else:
+        if self.responses:
+            meter: StreamMeter | ResponsesMeter
+            meter = ResponsesMeter(tokenizer, self.live, estimate, self._remember_response)
             plan.observer = comp.metrics.batch.defer(meter.feed)
+        else:
+            meter = StreamMeter(tokenizer, self.live, estimate)
+            if injected and opened.upstream.settings.usage == "inject":
+                plan.frame_filter = meter
+            else:
+                plan.observer = comp.metrics.batch.defer(meter.feed)
+        self.meter = meter
         cut = comp.settings.limits.on_token_budget_exceeded == "cut"
         if cut and self.admitted.admissions:
             plan.over_budget = self._cut_check(plan)
-        if tail in COMPLETION_ENDPOINTS:
+        if tail in COMPLETION_ENDPOINTS or self.responses:
             plan.end_check = self.cut_short
         return plan
+
+    def error_event(self, error: GatewayError) -> bytes:
+        """The event that ends this stream with `error`, in its endpoint's shape (a Responses
+        API stream's carries the sequence number after the last event relayed)."""
+        sequence = 0
+        if isinstance(self.meter, ResponsesMeter):
+            self.comp.metrics.batch.flush()
+            sequence = self.meter.next_sequence_number
+        return stream_error_event(error, self.responses, sequence)
+
+    def _remember_response(self, response_id: str) -> None:
+        """The upstream answering created this response: requests about it go there."""
+        self.comp.responses.remember(response_id, self.ctx.upstream, self.comp.limiter)
 
     def _cut_check(self, plan: RelayPlan) -> Callable[[], bool]:
         """When to cut an over-budget stream: only where an SSE frame ends.
@@ -189,10 +226,12 @@ class Ledger:
             or tally.saw_done
             or tally.finish_reasons
             or tally.upstream_error is not None
+            or tally.oversized_events  # (too large to read: it may have been the last one)
         ):
             return None
+        missing = "no terminal event" if self.responses else "no finish_reason, no [DONE]"
         return UpstreamError(
-            "The upstream ended the stream before it was complete (no finish_reason, no [DONE]).",
+            f"The upstream ended the stream before it was complete ({missing}).",
             code="upstream_truncated",
             reason="truncated",
         )
@@ -220,7 +259,8 @@ class Ledger:
 
     def stream_tally(self) -> Tally | None:
         """`final_tally` of a streamed answer; None for a JSON one or with accounting off."""
-        return self.final_tally() if isinstance(self.meter, StreamMeter) else None
+        streamed = isinstance(self.meter, (StreamMeter, ResponsesMeter))
+        return self.final_tally() if streamed else None
 
     # -- settlement ---------------------------------------------------------------------------
 
@@ -232,6 +272,8 @@ class Ledger:
         tally = self.final_tally()
         if tally is not None:
             self._record(tally)
+            if tally.response_id is not None and isinstance(self.meter, JsonMeter):
+                self._remember_response(tally.response_id)
         self._record_stream_end()
         ctx = self.ctx
         used = ctx.prompt_tokens + ctx.completion_tokens
@@ -264,6 +306,16 @@ class Ledger:
             metrics.usage_upstream.labels(ctx.model).inc(tally.completion_tokens)
         if tally.decode_errors:
             metrics.decode_errors.labels(ctx.model).inc(tally.decode_errors)
+        if tally.cached_prompt_tokens is not None:
+            ctx.cached_prompt_tokens = tally.cached_prompt_tokens
+            tokens.labels(ctx.team, ctx.model, "cached_prompt").inc(tally.cached_prompt_tokens)
+        if tally.oversized_events:
+            structlog.get_logger("gateway").error(
+                "sse_event_too_large",
+                events=tally.oversized_events,
+                max_bytes=MAX_EVENT_BYTES,
+                detail="relayed unchanged but not counted; the tally may miss its usage",
+            )
 
     def _record_stream_end(self) -> None:
         if self._gaps is not None:

@@ -39,6 +39,11 @@ _CLOSE_LEN = len(_CLOSE)
 
 Count = Callable[[str], int]
 
+#: an SSE event larger than this is relayed but not parsed (a counted error, see
+#: `SSEDecoder.max_event_bytes`); a Responses API terminal event repeats the whole response
+#: (instructions, tools, output), hundreds of KB, far below it
+MAX_EVENT_BYTES = 8 << 20
+
 
 class TokenSink(Protocol):
     """Receives tokens as they pass (metrics, token budgets).
@@ -62,8 +67,14 @@ class Tally:
     finish_reason: str | None  # choice 0's, else the last one seen
     finish_reasons: tuple[str, ...]  # one per choice that finished, by choice index
     saw_done: bool
-    decode_errors: int  # events whose data was not JSON (relayed anyway)
+    decode_errors: int  # events whose data was not JSON, or too large to parse (relayed anyway)
     upstream_error: Mapping[str, Any] | None  # the `error` object of an error event
+    #: prompt tokens the upstream read from its cache (a subset of prompt_tokens), if it said
+    cached_prompt_tokens: int | None = None
+    #: events larger than MAX_EVENT_BYTES: relayed, never parsed (counted in decode_errors)
+    oversized_events: int = 0
+    #: the id of a Responses API response, as the upstream named it
+    response_id: str | None = None
 
 
 class _ThinkText:
@@ -167,7 +178,9 @@ class _Ledger:
         "count",
         "decode_errors",
         "finish",
+        "oversized",
         "reasoning",
+        "response_id",
         "saw_done",
         "texts",
         "upstream_error",
@@ -185,6 +198,8 @@ class _Ledger:
         self.upstream_error: Mapping[str, Any] | None = None
         self.saw_done = False
         self.decode_errors = 0
+        self.oversized = 0
+        self.response_id: str | None = None
 
     def parse(self, data: bytes | bytearray) -> Any:
         """The JSON of an event's data, or None (counted) when it is not JSON."""
@@ -292,12 +307,17 @@ class _Ledger:
         """The final numbers: the upstream's `usage` where it sent one, else ours."""
         usage = self.usage
         prompt, completion, reasoning = prompt_estimate, self.completion, self.reasoning
+        cached: int | None = None
         if usage is not None:
-            prompt = _int_or(usage.get("prompt_tokens"), prompt)
-            completion = _int_or(usage.get("completion_tokens"), completion)
-            details = usage.get("completion_tokens_details")
+            # Chat and completions say prompt/completion, the Responses API input/output
+            prompt = _int_or(_either(usage, "prompt_tokens", "input_tokens"), prompt)
+            completion = _int_or(_either(usage, "completion_tokens", "output_tokens"), completion)
+            details = _either(usage, "completion_tokens_details", "output_tokens_details")
             if type(details) is dict:
                 reasoning = _int_or(details.get("reasoning_tokens"), reasoning)
+            details = _either(usage, "prompt_tokens_details", "input_tokens_details")
+            if type(details) is dict and _int_or(details.get("cached_tokens"), -1) >= 0:
+                cached = details["cached_tokens"]
         reasons = tuple(self.finish[i] for i in sorted(self.finish))
         first = self.finish.get(0, reasons[-1] if reasons else None)
         return Tally(
@@ -310,9 +330,107 @@ class _Ledger:
             finish_reason=first,
             finish_reasons=reasons,
             saw_done=self.saw_done,
-            decode_errors=self.decode_errors,
+            decode_errors=self.decode_errors + self.oversized,
             upstream_error=self.upstream_error,
+            cached_prompt_tokens=cached,
+            oversized_events=self.oversized,
+            response_id=self.response_id,
         )
+
+    # -- the Responses API ------------------------------------------------------------------
+
+    def text(self, text: Any, reasoning: bool) -> bool:
+        """Output text of the Responses API (no `<think>` parsing: reasoning has its own
+        events); whether it carried any."""
+        if not text or type(text) is not str:
+            return False
+        n = self.count(text)
+        self.completion += n
+        if reasoning:
+            self.reasoning += n
+        return True
+
+    def response(self, response: dict[str, Any], *, count_output: bool) -> None:
+        """A Response object: whole (a JSON answer) or in a stream's terminal event.
+
+        Its id, its `usage`, its finish reason from its status; with `count_output`, the
+        text of its output, for an answer that streamed no deltas.
+        """
+        rid = response.get("id")
+        if self.response_id is None and type(rid) is str and rid:
+            self.response_id = rid
+        usage = response.get("usage")
+        if type(usage) is dict:
+            self.usage = usage
+        output = response.get("output")
+        if type(output) is not list:
+            output = []
+        if count_output and any([self._output_item(item) for item in output]):
+            self.chunks += 1
+        status = response.get("status")
+        if status == "failed":
+            error = response.get("error")
+            self.upstream_error = error if type(error) is dict else {"message": "response failed"}
+        reason = _finish_of(status, response, output)
+        if reason is not None:
+            self.finish[0] = reason
+
+    def _output_item(self, item: Any) -> bool:
+        """Count one output item of a whole response; whether it carried text."""
+        if type(item) is not dict:
+            return False
+        kind = item.get("type")
+        if kind == "message":
+            parts = item.get("content")
+            return type(parts) is list and any(
+                [self.text(_part_text(part), False) for part in parts]
+            )
+        if kind == "reasoning":
+            carried = False
+            for key in ("summary", "content"):
+                parts = item.get(key)
+                if type(parts) is list:
+                    carried = any([self.text(_part_text(part), True) for part in parts]) or carried
+            return carried
+        if kind == "function_call":
+            return self.text(item.get("arguments"), False)
+        if kind == "custom_tool_call":
+            return self.text(item.get("input"), False)
+        return False
+
+
+def _either(usage: dict[str, Any], key: str, other: str) -> Any:
+    value = usage.get(key)
+    return usage.get(other) if value is None else value
+
+
+#: output item types whose call ends a turn: a response ending with one awaits tool results
+_TOOL_CALL_ITEMS = frozenset({"function_call", "custom_tool_call"})
+
+
+def _finish_of(status: Any, response: dict[str, Any], output: list[Any]) -> str | None:
+    """A Response's status as a chat finish reason (what the metrics and log line count)."""
+    if status == "completed":
+        last = output[-1] if output else None
+        ends_in_call = type(last) is dict and last.get("type") in _TOOL_CALL_ITEMS
+        return "tool_calls" if ends_in_call else "stop"
+    if status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if type(details) is dict else None
+        if reason == "content_filter":
+            return "content_filter"
+        return "length" if reason in (None, "max_output_tokens") else str(reason)
+    if status == "failed":
+        return "error"
+    return None
+
+
+def _part_text(part: Any) -> Any:
+    """The text of an output content part (`output_text`, `refusal`, `summary_text`...)."""
+    if type(part) is not dict:
+        return None
+    text = part.get("text")
+    return part.get("refusal") if text is None else text
 
 
 def _is_text_part(part: Any) -> bool:
@@ -386,7 +504,26 @@ class _Template:
             return None
 
 
-class StreamMeter:
+class _Reporting:
+    """What a stream meter shares: the sink gets what was counted since its last call."""
+
+    __slots__ = ("_ledger", "_reported", "_reported_reasoning", "_sink")
+
+    def __init__(self, ledger: _Ledger, sink: TokenSink) -> None:
+        self._ledger, self._sink = ledger, sink
+        self._reported = self._reported_reasoning = 0
+
+    def _report(self) -> None:
+        ledger = self._ledger
+        completion = ledger.completion - self._reported
+        reasoning = ledger.reasoning - self._reported_reasoning
+        if completion or reasoning:
+            self._reported = ledger.completion
+            self._reported_reasoning = ledger.reasoning
+            self._sink.add(completion, reasoning)
+
+
+class StreamMeter(_Reporting):
     """Counts the tokens of one SSE stream in real time, from a copy of its bytes.
 
     Feed it with `feed` (it decodes), or with `feed_event` when the relay decodes frames
@@ -398,11 +535,7 @@ class StreamMeter:
     __slots__ = (
         "_decoder",
         "_last",
-        "_ledger",
         "_prompt_estimate",
-        "_reported",
-        "_reported_reasoning",
-        "_sink",
         "_tally",
         "_template",
         "_templates",
@@ -416,17 +549,14 @@ class StreamMeter:
         *,
         templates: bool = True,
     ) -> None:
-        self._ledger = _Ledger(tokenizer)
+        super().__init__(_Ledger(tokenizer), sink)
         #: count plain text chunks by their template (see `_Template`); off only in tests,
         #: which check that it changes no count
         self._templates = templates
         self._template: _Template | None = None
         self._tally: Tally | None = None
-        self._decoder = SSEDecoder()
-        self._sink = sink
+        self._decoder = SSEDecoder(MAX_EVENT_BYTES)
         self._prompt_estimate = prompt_estimate
-        self._reported = 0
-        self._reported_reasoning = 0
         self._last: tuple[ServerSentEvent, Any] | None = None  # is_usage_only's parse
 
     def feed(self, chunk: bytes) -> None:
@@ -480,6 +610,7 @@ class StreamMeter:
         if self._tally is None:
             for event in self._decoder.flush():
                 self.feed_event(event)
+            self._ledger.oversized = self._decoder.oversized
             self._ledger.flush()
             self._report()
             self._tally = self._ledger.tally(self._prompt_estimate)
@@ -493,15 +624,6 @@ class StreamMeter:
         obj = self._ledger.parse(event.data)
         self._last = (event, obj)
         return obj
-
-    def _report(self) -> None:
-        ledger = self._ledger
-        completion = ledger.completion - self._reported
-        reasoning = ledger.reasoning - self._reported_reasoning
-        if completion or reasoning:
-            self._reported = ledger.completion
-            self._reported_reasoning = ledger.reasoning
-            self._sink.add(completion, reasoning)
 
 
 class JsonMeter:
@@ -535,7 +657,143 @@ class JsonMeter:
         """
         ledger = self._ledger
         if not self._overflow and self._body:
-            ledger.observe(ledger.parse(self._body), "message")
+            obj = ledger.parse(self._body)
+            if type(obj) is dict and obj.get("object") == "response":  # the Responses API
+                ledger.response(obj, count_output=True)
+            else:
+                ledger.observe(obj, "message")
             ledger.flush()
             self._body = bytearray()
         return ledger.tally(self._prompt_estimate)
+
+
+#: Responses API delta events whose `delta` is output text, and whether it is reasoning too.
+#: Never the `obfuscation` field: padding that hides the length of a delta, not output.
+_DELTA_EVENTS: dict[bytes, bool] = {
+    b"response.output_text.delta": False,
+    b"response.refusal.delta": False,
+    b"response.function_call_arguments.delta": False,
+    b"response.custom_tool_call_input.delta": False,
+    b"response.mcp_call_arguments.delta": False,
+    b"response.code_interpreter_call_code.delta": False,
+    b"response.reasoning_text.delta": True,
+    b"response.reasoning_summary_text.delta": True,
+}
+#: events that carry a whole Response (its id; at the end, its usage and status)
+_RESPONSE_EVENTS = frozenset(
+    {
+        b"response.created",
+        b"response.completed",
+        b"response.incomplete",
+        b"response.failed",
+    }
+)
+_ERROR_EVENT = b"error"
+
+
+class ResponsesMeter(_Reporting):
+    """Counts a Responses API stream in real time: typed events (`event: <type>` and a JSON
+    `data:` with the same `type` and a `sequence_number`), no `[DONE]`.
+
+    Delta events are counted as they pass (see `_DELTA_EVENTS`); events with a whole
+    Response are parsed once each (`response.created` for the id, the terminal one for its
+    `usage`, status and finish); every other event is only counted, never parsed. The event
+    type is read from the `event:` line, or from the JSON `type` when an upstream sends none.
+    Same contract as `StreamMeter`: the sink gets what was counted, `finish` is idempotent.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_events",
+        "_on_id",
+        "_prompt_estimate",
+        "_seq",
+        "_seq_at",
+        "_tally",
+    )
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        sink: TokenSink,
+        prompt_estimate: int,
+        on_response_id: Callable[[str], None] | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
+        super().__init__(_Ledger(tokenizer), sink)
+        self._decoder = SSEDecoder(max_event_bytes)
+        self._prompt_estimate = prompt_estimate
+        self._on_id = on_response_id
+        self._tally: Tally | None = None
+        self._events = 0  # events seen
+        self._seq = -1  # the last sequence_number read, at event number _seq_at
+        self._seq_at = 0
+
+    @property
+    def next_sequence_number(self) -> int:
+        """The sequence number an event the gateway adds after the last one seen must carry."""
+        seen = self._events + self._decoder.oversized  # (an event too large to read counts)
+        return self._seq + 1 + seen - self._seq_at
+
+    def feed(self, chunk: bytes) -> None:
+        """Count the events that this chunk of the stream completes."""
+        self._tally = None
+        typed = self._decoder.whole_typed_event(chunk)  # nearly every chunk: one whole event
+        if typed is not None:
+            self._event(typed[0], typed[1])
+        else:
+            for event in self._decoder.feed(chunk):
+                name = event.event
+                self._event(None if name is None else name.encode(), event.data)
+        self._report()
+
+    def _event(self, name: bytes | None, data: bytes) -> None:
+        self._events += 1
+        ledger = self._ledger
+        reasoning = _DELTA_EVENTS.get(name) if name is not None else None
+        if reasoning is None and name not in _RESPONSE_EVENTS and name != _ERROR_EVENT:
+            if name is not None:
+                return  # an event that carries no output: not parsed
+            obj = ledger.parse(data)  # no `event:` line: the JSON names its type
+            kind = obj.get("type") if type(obj) is dict else None
+            if type(kind) is not str:
+                return
+            name = kind.encode()
+            reasoning = _DELTA_EVENTS.get(name)
+        else:
+            obj = ledger.parse(data)
+        if type(obj) is not dict:
+            return
+        seq = obj.get("sequence_number")
+        if type(seq) is int:
+            self._seq, self._seq_at = seq, self._events + self._decoder.oversized
+        if reasoning is not None:
+            if ledger.text(obj.get("delta"), reasoning):
+                ledger.chunks += 1
+        elif name == _ERROR_EVENT:
+            error = obj.get("error")
+            ledger.upstream_error = error if type(error) is dict else obj
+            ledger.finish[0] = "error"
+        elif name in _RESPONSE_EVENTS:
+            self._response(obj.get("response"))
+
+    def _response(self, response: Any) -> None:
+        if type(response) is not dict:
+            return
+        ledger = self._ledger
+        known = ledger.response_id
+        ledger.response(response, count_output=False)
+        if known is None and ledger.response_id is not None and self._on_id is not None:
+            self._on_id(ledger.response_id)
+
+    def finish(self) -> Tally:
+        """End of stream: count what is still pending and return the tally (the same one
+        again until more is fed)."""
+        if self._tally is None:
+            for event in self._decoder.flush():
+                name = event.event
+                self._event(None if name is None else name.encode(), event.data)
+            self._ledger.oversized = self._decoder.oversized
+            self._report()
+            self._tally = self._ledger.tally(self._prompt_estimate)
+        return self._tally

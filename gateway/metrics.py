@@ -46,7 +46,8 @@ class GatewayMetrics:
         )
         self.tokens = _Counter(
             "gateway_tokens",
-            "Tokens, counted while streams run (prompt, completion, reasoning).",
+            "Tokens, counted while streams run (prompt, completion, reasoning; cached_prompt "
+            "is the part of prompt the upstream read from its cache).",
             ["team", "model", "type"],
             registry=registry,
         )
@@ -174,7 +175,9 @@ class GatewayMetrics:
         return found
 
 
-FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+FINISH_REASONS = frozenset(
+    {"stop", "length", "content_filter", "tool_calls", "function_call", "error"}
+)
 
 
 def finish_reason_label(reason: str | None) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -37,11 +36,11 @@ from .errors import (
     ServiceUnavailable,
     UpstreamError,
     drop_tracebacks,
-    sse_error_event,
 )
-from .ledger import Ledger
+from .ledger import COMPLETION_ENDPOINTS, Ledger
 from .relay import RelayResult, pump
 from .request_parse import MODEL_ENDPOINTS, ParsedRequest, parse_request
+from .response_routes import response_id_of
 from .routing import RouteMatch
 from .upstream import (
     OnUpstreamError,
@@ -68,7 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         gate = await enter_gate(comp, ctx)
         try:
             admitted = await admit(comp, ctx, request.get(TEAM), match, parsed.doc, parsed.body)
-            ledger = Ledger(comp, ctx, match, admitted)
+            ledger = Ledger(comp, ctx, match, admitted, parsed.tail)
             try:
                 return await _serve(request, ledger, parsed)
             except asyncio.CancelledError:
@@ -103,6 +102,9 @@ def resolve(comp: Components, parsed: ParsedRequest) -> RouteMatch:
 async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) -> web.StreamResponse:
     comp, ctx, route = ledger.comp, ledger.ctx, ledger.match.route
     plan = comp.balancer.plan(route)
+    about = response_id_of(parsed.tail, parsed.doc)
+    if about is not None:
+        plan = await _creator(comp, plan, about)
     upstream_request = UpstreamRequest(
         method=request.method,
         tail=parsed.tail,
@@ -110,7 +112,7 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
         body=parsed.body,
         headers=_forwarded_headers(request, parsed),
         request_id=ctx.request_id,
-        injected_body=_injected_body(comp, route, parsed.doc),
+        injected_body=_injected_body(comp, route, parsed),
         affinity_key=affinity_key(plan, request.headers, parsed.doc),
     )
     parsed.release()
@@ -129,6 +131,15 @@ async def _serve(request: web.Request, ledger: Ledger, parsed: ParsedRequest) ->
         opened.close()
 
 
+async def _creator(comp: Components, plan: RoutePlan, response_id: str) -> RoutePlan:
+    """For a request about an existing Responses API response: the one upstream that created
+    it, when the gateway saw that (gateway.response_routes), else the route's own plan."""
+    name = await comp.responses.find(response_id, comp.limiter)
+    if name is None or name not in comp.upstreams:
+        return plan
+    return comp.balancer.pinned(plan, name)
+
+
 def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[str, str]:
     """The client's headers; a body the gateway parsed as JSON goes up as application/json,
     whatever type the client named (a text/plain or form type would make the upstream fail)."""
@@ -139,9 +150,13 @@ def _forwarded_headers(request: web.Request, parsed: ParsedRequest) -> Mapping[s
     return headers
 
 
-def _injected_body(comp: Components, route: Route, doc: dict[str, Any] | None) -> bytes | None:
-    """With `usage: inject`, the body asking upstream for include_usage (None if not needed)."""
-    if doc is None or doc.get("stream") is not True:
+def _injected_body(comp: Components, route: Route, parsed: ParsedRequest) -> bytes | None:
+    """With `usage: inject`, the body asking upstream for include_usage (None if not needed).
+
+    Only chat and completions have `stream_options.include_usage`: a Responses API stream
+    always ends with its usage, and that API refuses the option."""
+    doc = parsed.doc
+    if doc is None or doc.get("stream") is not True or parsed.tail not in COMPLETION_ENDPOINTS:
         return None
     options = doc.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
@@ -199,7 +214,7 @@ async def _serve_with_keepalive(
     except asyncio.CancelledError:
         _drop_opening(task)
         if resp is not None and comp.lifecycle.was_cut():
-            return await _end_cut_stream(ctx, resp)
+            return await _end_cut_stream(ledger, resp)
         raise
     except BaseException:
         _drop_opening(task)
@@ -212,7 +227,7 @@ async def _serve_with_keepalive(
         try:
             opened = task.result()
         except GatewayError as error:  # open_on_route counted it
-            await _fail_after_comments(ctx, resp, error)
+            await _fail_after_comments(ledger, resp, error)
             return resp
     try:
         return await _answer(request, ledger, opened, resp, upstream_request)
@@ -230,7 +245,7 @@ def _drop_opening(task: asyncio.Future[Opened]) -> None:
 
 
 async def _fail_after_comments(
-    ctx: RequestContext, resp: web.StreamResponse, error: GatewayError
+    ledger: Ledger, resp: web.StreamResponse, error: GatewayError
 ) -> None:
     """A stream that failed after keep-alive comments (the 200 is sent): the error goes out as
     an SSE event.
@@ -238,8 +253,8 @@ async def _fail_after_comments(
     The error ends here, not in the `errors` middleware: its tracebacks go here too (see
     `drop_tracebacks`)."""
     drop_tracebacks(error)
-    ctx.error = error
-    await resp.write(sse_error_event(error))
+    ledger.ctx.error = error
+    await resp.write(ledger.error_event(error))
 
 
 async def _answer(
@@ -269,7 +284,7 @@ async def _answer(
     except asyncio.CancelledError:
         if not comp.lifecycle.was_cut():
             raise
-        return await _end_cut_stream(ctx, resp)
+        return await _end_cut_stream(ledger, resp)
     _report_relay(comp, ctx, result)
     if result.outcome == "completed":
         if (event_error := ledger.upstream_error_event()) is not None:
@@ -294,15 +309,16 @@ def _report_stream_error(comp: Components, ctx: RequestContext, error: GatewayEr
         comp.metrics.upstream_errors.labels(ctx.upstream, error.reason).inc()
 
 
-async def _end_cut_stream(ctx: RequestContext, resp: web.StreamResponse) -> web.StreamResponse:
+async def _end_cut_stream(ledger: Ledger, resp: web.StreamResponse) -> web.StreamResponse:
     """The drain's grace ran out during this stream: an SSE error event tells the client (its
     SDK raises instead of keeping half an answer), then the response ends normally."""
     _uncancel()
+    ctx = ledger.ctx
     error = ctx.error = _shutdown_error()
     if ctx.stream:
         with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
             async with asyncio.timeout(CUT_WRITE_S):
-                await resp.write(sse_error_event(error))
+                await resp.write(ledger.error_event(error))
                 await resp.write_eof()
     return resp
 
@@ -340,14 +356,14 @@ async def _upstream_refused(
         )
         if resp is None:
             raise error
-        await _fail_after_comments(ctx, resp, error)  # open_on_route counted it (status_5xx)
+        await _fail_after_comments(ledger, resp, error)  # open_on_route counted it (status_5xx)
         return resp
     ctx.upstream_refused, ctx.upstream_code = True, code
     if resp is not None:
         refusal = GatewayError(
             f"The upstream answered {status}: {message}", status=status, code=code
         )
-        await resp.write(sse_error_event(refusal))
+        await resp.write(ledger.error_event(refusal))
         return resp
     headers = response_headers(opened.response.headers)
     headers.update(ledger.admitted.limit_headers)

@@ -72,6 +72,8 @@ class RelayPlan:
     #: called once the upstream body ended cleanly: an error ends the stream with it as an
     #: SSE error event (a stream the upstream cut short without saying so)
     end_check: Callable[[], GatewayError | None] | None = None
+    #: the event that ends the stream with an error, in the endpoint's shape
+    error_event: Callable[[GatewayError], bytes] = sse_error_event
 
 
 @dataclass(slots=True)
@@ -105,7 +107,7 @@ async def pump(
         drop_tracebacks(ended)
         if plan.sse:
             # an event cut in half would swallow the error event: close it off first
-            event = sse_error_event(ended.error)
+            event = plan.error_event(ended.error)
             if not ended.at_boundary:
                 event = b"\n\n" + event
             with contextlib.suppress(ClientGone):

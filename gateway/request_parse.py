@@ -19,7 +19,7 @@ from .aiohttp_private import park_buffer
 from .errors import BadRequest, RequestTooLarge
 
 #: endpoints whose body must be a JSON object naming a model
-MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
+MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
 #: a `.` or `..` path segment, or a control character
 _UNSAFE_TAIL = re.compile(r"(?:^|/)\.\.?(?:/|$)|[\x00-\x1f\x7f]")
 

@@ -216,10 +216,12 @@ _REPLY_PRIMING = 3
 def estimate_prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> int:
     """Estimate the prompt tokens of a request body before it goes upstream.
 
-    Reads chat `messages`, completions `prompt` and embeddings `input`, plus `tools` (sent
-    to the model as text too). Fields of the wrong shape are skipped: this runs on client
-    input and must never raise. With the `chunks` tokenizer, which has no meaning for a
-    prompt, the `chars` rule is used.
+    Reads chat `messages`, completions `prompt`, embeddings `input`, the Responses API's
+    `instructions` and `input` (a string, or items: their text content parts, tool call
+    arguments and outputs; images and files are not counted), plus `tools` (sent to the
+    model as text too). Fields of the wrong shape are skipped: this runs on client input and
+    must never raise. With the `chunks` tokenizer, which has no meaning for a prompt, the
+    `chars` rule is used.
     """
     count = (CharsTokenizer() if tokenizer.name == "chunks" else tokenizer).count
     total = sum(count(text) for text in _prompt_texts(body))
@@ -227,6 +229,9 @@ def estimate_prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> int
     if isinstance(messages, list):
         total += _REPLY_PRIMING + _PER_MESSAGE * len(messages)
         total += _PER_NAME * sum(1 for m in messages if isinstance(m, Mapping) and "name" in m)
+    items = [item for item in _list(body.get("input")) if isinstance(item, Mapping)]
+    if items or isinstance(body.get("instructions"), str):
+        total += _REPLY_PRIMING + _PER_MESSAGE * (len(items) + 1)
     total += _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
     return total
 
@@ -240,7 +245,41 @@ def _prompt_texts(body: Mapping[str, Any]) -> Iterator[str]:
                 yield from _message_texts(message)
     for key in ("prompt", "input"):
         yield from _strings(body.get(key))
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        yield instructions
+    for item in _list(body.get("input")):
+        if isinstance(item, Mapping):
+            yield from _item_texts(item)
     yield from _nested_strings(body.get("tools"))
+
+
+#: the text fields of a Responses API input item (a message's `content` aside): a tool
+#: call's name and arguments, a custom tool's input, a tool's output
+_ITEM_TEXT_KEYS = ("name", "arguments", "input", "output")
+
+
+def _item_texts(item: Mapping[str, Any]) -> Iterator[str]:
+    """A Responses API input item's text: message content (a string or text parts, images
+    and files skipped), reasoning summaries, tool calls and their outputs."""
+    content = item.get("content")
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        yield from _part_texts(content)
+    summary = item.get("summary")
+    if isinstance(summary, list):
+        yield from _part_texts(summary)
+    for key in _ITEM_TEXT_KEYS:
+        value = item.get(key)
+        if isinstance(value, str):
+            yield value
+        elif key == "output" and isinstance(value, list):
+            yield from _part_texts(value)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _message_texts(message: Mapping[str, Any]) -> Iterator[str]:

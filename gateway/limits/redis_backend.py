@@ -155,6 +155,11 @@ class RedisLimiter:
         """True from the first failed Redis call until a probe gets an answer again."""
         return self._degraded
 
+    @property
+    def redis(self) -> Redis:
+        """The client, for other state the replicas share (gateway.response_routes)."""
+        return self._redis
+
     async def admit(
         self,
         key: str,

@@ -221,3 +221,56 @@ def test_frames_keep_the_crlf_of_a_frame_split_after_its_cr() -> None:
     assert first == [(b"data: a\r\n\r", ServerSentEvent(None, b"a", None, None))]
     second = decoder.feed_frames(b"\ndata: b\r\n\r\n")
     assert second == [(b"\ndata: b\r\n\r\n", ServerSentEvent(None, b"b", None, None))]
+
+
+# -- the typed-event shortcut, the size cap, long events in many reads -------------------------
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'event: response.output_text.delta\ndata: {"delta":"hi"}\n\n',
+        b"event:x\ndata:y\n\n",
+        b"event: a\ndata: \n\n",
+        b"event: a\ndata: one\ndata: two\n\n",  # two data lines: not the shortcut's shape
+        b"event: a\r\ndata: b\r\n\r\n",
+        b"event: a\nid: 3\ndata: b\n\n",
+        b"event: a\n\n",
+    ],
+)
+def test_the_typed_event_shortcut_agrees_with_the_general_path(chunk: bytes) -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b": warm up\n\n")  # the shortcut needs a settled start (BOM question)
+    typed = decoder.whole_typed_event(chunk)
+    expected = [(e.event, e.data) for e in reference_events(chunk)]
+    if typed is not None:  # (else not its shape: the general path takes it)
+        assert [(typed[0].decode(), typed[1])] == expected
+
+
+def test_the_typed_event_shortcut_needs_a_settled_start() -> None:
+    assert SSEDecoder().whole_typed_event(b"event: a\ndata: b\n\n") is None
+
+
+def test_a_frame_past_the_cap_is_dropped_and_decoding_resumes_after_it() -> None:
+    big = b"event: big\ndata: " + b"x" * 5000 + b"\n\n"
+    stream = b"data: 1\n\n" + big + b"data: 2\r\n\r\n" + big.replace(b"\n", b"\r") + b"data: 3\n\n"
+    for step in (1, 7, 100, 4096, len(stream)):
+        decoder = SSEDecoder(max_event_bytes=1000)
+        events = [
+            e for i in range(0, len(stream), step) for e in decoder.feed(stream[i : i + step])
+        ]
+        events += decoder.flush()
+        assert [e.data for e in events] == [b"1", b"2", b"3"], step
+        assert decoder.oversized == 2, step
+
+
+def test_a_long_line_in_many_reads_is_joined_once() -> None:
+    """The pieces of a partial line are kept as they came, not copied into one buffer per read
+    (which made a 512 KiB event in 1 KiB reads cost 256 MiB of copies)."""
+    line = b"data: " + b"y" * (512 << 10)
+    decoder = SSEDecoder()
+    for i in range(0, len(line), 1024):
+        assert decoder.feed(line[i : i + 1024]) == []
+    assert len(decoder._partial) == len(range(0, len(line), 1024))
+    (event,) = decoder.feed(b"\n\n")
+    assert event.data == line[6:]

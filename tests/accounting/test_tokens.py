@@ -284,3 +284,37 @@ _keys = st.sampled_from(["messages", "prompt", "input", "tools", "content", "rol
 @given(st.dictionaries(_keys, _json | st.lists(st.dictionaries(_keys, _json)), max_size=4))
 def test_prompt_estimate_never_raises_on_odd_bodies(body: dict[str, Any]) -> None:
     assert estimate_prompt_tokens(body, load_tokenizer("chars")) >= 0
+
+
+def test_responses_prompt_counts_instructions_and_input_text(o200k: Tokenizer) -> None:
+    """A string input is its text; items are messages (their text parts: images and files
+    are skipped), tool calls and tool outputs, each with a message's framing; instructions
+    are one more message."""
+    assert estimate_prompt_tokens({"input": "hello world"}, o200k) == 2
+    items: dict[str, Any] = {
+        "instructions": "Be brief.",
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "hello world"},
+                    {"type": "input_image", "image_url": "data:image/png;base64," + "A" * 4000},
+                    {"type": "input_file", "file_data": "B" * 4000, "filename": "a.pdf"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        ],
+    }
+    texts = ["Be brief.", "hello world", "hello", "get_weather", "{}", "sunny"]
+    framing = 3 + 3 * (4 + 1)  # the reply's priming, then four items and the instructions
+    expected = sum(o200k.count(text) for text in texts) + framing
+    assert estimate_prompt_tokens(items, o200k) == expected
+
+
+def test_max_output_tokens_is_the_responses_reservation() -> None:
+    from gateway.admission import _max_tokens
+
+    assert _max_tokens({"max_output_tokens": 300}, 4096) == 300
+    assert _max_tokens({"input": "hi"}, 4096) == 4096
