@@ -3,7 +3,9 @@
 `python -m gateway.sim --port P` serves it alone; the gateway starts it in-process for the
 `sim` upstream (`start_sim`). Answers to `POST /v1/chat/completions` and `/v1/completions`,
 streamed (`"stream": true`, OpenAI's exact chunks, `[DONE]`, the `include_usage` chunk) or
-whole; `POST /v1/embeddings` and `GET /v1/models` answer small fixed shapes.
+whole; `POST /v1/responses` streamed (typed `event:` frames, see responses.py) or whole, kept
+for `GET /v1/responses/{id}` and `previous_response_id`; `POST /v1/embeddings` and
+`GET /v1/models` (sim-small, sim-large, sim-reasoning) answer small fixed shapes.
 
 Each request can steer its answer with a body field `"sim": {...}` (OpenAI SDK:
 `extra_body={"sim": {...}}`) or the same JSON in an `x-sim` header:
@@ -19,9 +21,12 @@ Each request can steer its answer with a body field `"sim": {...}` (OpenAI SDK:
     status            answer this 4xx/5xx with an OpenAI-shaped error (+ Retry-After: retry_after)
     fault, fail_after see steering.Fault; mid-stream faults strike after `fail_after` token chunks
     big_bytes         the data line size of the `big_line` fault (default 2 MiB)
+    tool_call         {"name", "arguments"}: Responses end in a function call, arguments in pieces
+    cached_tokens     Responses usage: this many input tokens were cached
 
-Usage: one completion token per token chunk (content and reasoning, think tags included);
-prompt tokens are estimated as ceil(characters / 4) + 3 per chat message (answers.py).
+Usage is what the gateway counts with its default tokenizer (o200k_base): each chunk's count,
+summed (content, reasoning, tool arguments, think tags included); prompt tokens are the
+gateway's own prompt estimate (gateway.tokens.estimate_prompt_tokens), see answers.py.
 What the simulator received and its connection counts are on `app[SIM_STATE]` (state.py).
 """
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import orjson
 
-Kind = Literal["chat", "text"]
+Kind = Literal["chat", "text", "responses"]
 
 DONE = b"data: [DONE]\n\n"
 
