@@ -19,7 +19,6 @@ from typing import Any
 from .events import Kind
 from .steering import Plan
 
-MODELS = ("sim-small", "sim-large", "sim-reasoning")
 MODELS_CREATED = 1_700_000_000
 
 EMBEDDING_DIMENSIONS = 8
@@ -121,11 +120,11 @@ def _vector(seed: bytes, dimensions: int) -> list[float]:
     return list(struct.unpack(f"<{dimensions}f", packed))
 
 
-def model_list() -> dict[str, Any]:
+def model_list(models: tuple[str, ...]) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
             {"id": m, "object": "model", "created": MODELS_CREATED, "owned_by": "gateway-sim"}
-            for m in MODELS
+            for m in models
         ],
     }

@@ -318,7 +318,8 @@ async def embeddings_endpoint(request: web.Request) -> web.StreamResponse:
 
 
 async def models_endpoint(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=orjson.dumps(model_list()), content_type="application/json")
+    models = model_list(request.app[SIM_DEFAULTS].models)
+    return web.Response(body=orjson.dumps(models), content_type="application/json")
 
 
 async def state_endpoint(request: web.Request) -> web.StreamResponse:

@@ -88,6 +88,8 @@ class SimDefaults:
     text: str = DEFAULT_TEXT
     #: how many received requests SimState keeps
     record_limit: int = 256
+    #: what GET /v1/models lists
+    models: tuple[str, ...] = ("sim-small", "sim-large", "sim-reasoning")
 
 
 class Steer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
