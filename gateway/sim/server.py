@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -243,7 +244,7 @@ async def responses_endpoint(request: web.Request) -> web.StreamResponse:
     previous = body.get("previous_response_id")
     if previous is not None and previous not in state.responses:
         return _previous_not_found(previous)
-    plan = _plan(request, body, "responses")
+    plan = _within_max_output_tokens(_plan(request, body, "responses"), body)
     await pause(request, plan.headers_delay_s)
     if (early := _early_answer(request, plan)) is not None:
         return early
@@ -259,6 +260,22 @@ async def responses_endpoint(request: web.Request) -> web.StreamResponse:
     answer = whole_response(draft)
     state.store_response(answer)
     return await _whole(request, orjson.dumps(answer), plan)
+
+
+def _within_max_output_tokens(plan: Plan, body: dict[str, Any]) -> Plan:
+    """With `max_output_tokens` smaller than the answer, it stops after the last token piece
+    that fits, as `incomplete` (the reason OpenAI gives: max_output_tokens)."""
+    limit = body.get("max_output_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or plan.fault is not None:
+        return plan
+    fits, used = 0, 0
+    for part in (plan.reasoning, plan.content, plan.arguments):
+        for tokens in part.tokens:
+            used += tokens
+            if used > limit:
+                return dataclasses.replace(plan, fault="incomplete", fail_after=fits)
+            fits += 1
+    return plan
 
 
 def _previous_not_found(previous: Any) -> web.Response:

@@ -357,3 +357,24 @@ async def test_the_response_store_is_bounded(openai_client: AsyncOpenAI, sim: Ru
     ]
 
     assert list(sim.state.responses) == ids[1:]
+
+
+async def test_max_output_tokens_stops_the_answer_as_incomplete(openai_client: AsyncOpenAI) -> None:
+    async with openai_client.responses.stream(
+        model="sim-small",
+        input="hi",
+        max_output_tokens=3,
+        extra_body={"sim": {"text": "one two three four five"}},
+    ) as stream:
+        events = [event async for event in stream]
+    whole = await openai_client.responses.create(
+        model="sim-small", input="hi", max_output_tokens=3, extra_body={"sim": {"chunks": 9}}
+    )
+
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    assert last.response.output_text == "one two three"
+    assert last.response.usage is not None and last.response.usage.output_tokens == 3
+    assert (whole.status, whole.output_text) == ("incomplete", "The quick brown")
+    assert whole.incomplete_details is not None
+    assert whole.incomplete_details.reason == "max_output_tokens"
