@@ -17,11 +17,13 @@ Each request can steer its answer with a body field `"sim": {...}` (OpenAI SDK:
     text              the content, cut into word-ish pieces, cycled or trimmed to `chunks`
     reasoning_chunks  this many `delta.reasoning_content` chunks before the content
     think             reasoning as `<think>`, pieces, `</think>` chunks inside the content
-    finish_reason     default "stop"
+    finish_reason     default "stop" ("tool_calls" with a tool call)
     status            answer this 4xx/5xx with an OpenAI-shaped error (+ Retry-After: retry_after)
     fault, fail_after see steering.Fault; mid-stream faults strike after `fail_after` token chunks
     big_bytes         the data line size of the `big_line` fault (default 2 MiB)
-    tool_call         {"name", "arguments"}: Responses end in a function call, arguments in pieces
+    tool_call         {"name", "arguments"}: the answer ends in a function call, its arguments
+                      in pieces (chat: `delta.tool_calls`, finish "tool_calls"; Responses: a
+                      `function_call` item)
     cached_tokens     Responses usage: this many input tokens were cached
 
 Usage is what the gateway counts with its default tokenizer (o200k_base): each chunk's count,

@@ -42,7 +42,7 @@ def plan_usage(plan: Plan, prompt_tokens: int, n: int) -> dict[str, Any]:
     reasoning = plan.reasoning.total
     return usage(
         prompt_tokens,
-        n * (plan.content.total + reasoning),
+        n * (plan.content.total + reasoning + plan.arguments.total),
         n * reasoning if plan.reasoning.text else None,
     )
 
@@ -68,6 +68,11 @@ def whole_answer(
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if reasoning:
             message["reasoning_content"] = reasoning
+        if plan.tool_name is not None:
+            message["content"] = content or None
+            function = {"name": plan.tool_name, "arguments": plan.arguments.joined()}
+            call_id = "call_" + response_id.rpartition("-")[2]
+            message["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
         choice = {"message": message, "logprobs": None}
     return {
         "id": response_id,

@@ -102,7 +102,7 @@ class Steer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     text: str | None = None
     reasoning_chunks: NonNegInt = 0
     think: bool = False
-    finish_reason: str = "stop"
+    finish_reason: str | None = None  # "stop", or "tool_calls" with a tool call
     status: Annotated[int, msgspec.Meta(ge=400, le=599)] | None = None
     retry_after: Annotated[float, msgspec.Meta(ge=0)] | None = None
     fault: Fault | None = None
@@ -185,6 +185,9 @@ def resolve(steer: Steer, defaults: SimDefaults, *, kind: Kind, tokenizer: Token
     Responses have a reasoning item of their own: they never do."""
     if steer.fault in RESPONSES_FAULTS and kind != "responses":
         raise SteeringError(f"fault {steer.fault!r} is for /v1/responses only")
+    call = steer.tool_call
+    if call is not None and kind == "text":
+        raise SteeringError("tool_call is for chat completions and responses only")
     think = (steer.think or kind == "text") and kind != "responses"
     text = steer.text
     if text is None:
@@ -200,7 +203,7 @@ def resolve(steer: Steer, defaults: SimDefaults, *, kind: Kind, tokenizer: Token
         content=pieces(text, chunks, tokenizer.name),
         reasoning=reasoning,
         think=think,
-        finish_reason=steer.finish_reason,
+        finish_reason=steer.finish_reason or ("stop" if call is None else "tool_calls"),
         ttft_s=_seconds(steer.ttft_ms, defaults.ttft_ms),
         delay_s=_seconds(steer.delay_ms, defaults.delay_ms),
         headers_delay_s=steer.headers_delay_ms / 1000,

@@ -3,7 +3,8 @@
 A stream is a run of beats that its `Shape` (the API's wire format) lays out. Chat and plain
 completions (`ChatShape`; a beat holds one event per choice, `n` > 1 interleaves them):
 
-    role (chat only) -> reasoning chunks -> content chunks -> finish -> [usage] -> [DONE]
+    role (chat only) -> reasoning chunks -> content chunks -> [tool call: its name, then its
+    arguments in pieces (chat only)] -> finish -> [usage] -> [DONE]
 
 Responses (`responses.ResponseShape`): frame events around reasoning, text and tool-argument
 deltas, then the terminal event that repeats the whole response.
@@ -108,6 +109,12 @@ class ChatShape:
             yield Beat.REASONING, [thought(i, piece) for i in choices], n * tokens, n * tokens
         for piece, tokens in zip(plan.content.json, plan.content.tokens, strict=True):
             yield Beat.CONTENT, [enc.content(i, piece) for i in choices], n * tokens, 0
+        if plan.tool_name is not None:
+            call_id = orjson.dumps("call_" + enc.response_id.rpartition("-")[2])
+            name = orjson.dumps(plan.tool_name)
+            yield Beat.FRAME, [enc.tool_call(i, call_id, name) for i in choices], 0, 0
+            for piece, tokens in zip(plan.arguments.json, plan.arguments.tokens, strict=True):
+                yield Beat.CONTENT, [enc.arguments(i, piece) for i in choices], n * tokens, 0
         reason = orjson.dumps(plan.finish_reason)
         yield Beat.FINISH, [enc.finish(i, reason) for i in choices], 0, 0
 

@@ -244,8 +244,9 @@ def test_fake_chunk_helper_is_openai_shaped() -> None:
         {"text": "Ünïcödé café, naïve résumé — 日本語の テキスト 🙂 smörgåsbord jalapeño!"},
         {"chunks": 6, "reasoning_chunks": 5, "think": True},
         {"chunks": 6, "reasoning_chunks": 5},
+        {"chunks": 3, "tool_call": {"name": "f", "arguments": '{"city": "Zürich", "days": 3}'}},
     ],
-    ids=["default_text", "multibyte", "think_tags", "reasoning_content"],
+    ids=["default_text", "multibyte", "think_tags", "reasoning_content", "tool_call"],
 )
 async def test_the_simulator_usage_is_the_default_tokenizer_count_so_drift_is_zero(
     sim: dict[str, Any],

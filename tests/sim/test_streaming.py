@@ -275,3 +275,46 @@ async def test_models_lists_sim_models(openai_client: AsyncOpenAI) -> None:
 
     assert models
     assert all(m.startswith("sim-") for m in models)
+
+
+TOOL = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+
+
+async def test_a_chat_tool_call_streams_its_arguments_in_pieces(openai_client: AsyncOpenAI) -> None:
+    stream = await openai_client.chat.completions.create(
+        model="sim-small",
+        messages=[{"role": "user", "content": "weather?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"sim": {"chunks": 2, "tool_call": TOOL}},
+    )
+    chunks = [c async for c in stream]
+
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
+    first, *pieces = [call[0] for call in calls if call]
+    assert first.function is not None
+    assert (first.id, first.type, first.function.name) == ("call_sim1", "function", "get_weather")
+    arguments = [p.function.arguments for p in pieces if p.function and p.function.arguments]
+    assert "".join(arguments) == TOOL["arguments"] and len(arguments) > 1
+    assert chunks[-2].choices[0].finish_reason == "tool_calls"
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens == 2 + sum(o200k(a) for a in arguments)
+
+
+async def test_a_whole_chat_answer_carries_the_tool_call(openai_client: AsyncOpenAI) -> None:
+    answer = await openai_client.chat.completions.create(
+        model="sim-small",
+        messages=[{"role": "user", "content": "weather?"}],
+        extra_body={"sim": {"chunks": 0, "tool_call": TOOL}},
+    )
+
+    message = answer.choices[0].message
+    assert message.content is None
+    assert message.tool_calls is not None
+    (call,) = message.tool_calls
+    assert call.type == "function"
+    assert (call.function.name, call.function.arguments) == (TOOL["name"], TOOL["arguments"])
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == o200k(TOOL["arguments"])
