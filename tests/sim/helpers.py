@@ -31,6 +31,10 @@ def chat(**fields: Any) -> dict[str, Any]:
     return body
 
 
+#: a function call the simulator is steered to end in (`tool_call`)
+TOOL = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+
+
 def o200k(text: str) -> int:
     """The gateway's count of `text` with its default tokenizer (loaded by the simulator)."""
     return load_tokenizer("o200k_base").count(text)

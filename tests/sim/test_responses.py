@@ -13,9 +13,7 @@ from openai.types.responses import ResponseStreamEvent
 
 from gateway.sim import RunningSim
 
-from .helpers import gateway_prompt, o200k
-
-TOOL = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+from .helpers import TOOL, gateway_prompt, o200k
 
 
 def sse_typed(raw: bytes) -> list[tuple[str, dict[str, Any]]]:

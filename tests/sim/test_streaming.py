@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.sim import DEFAULT_TEXT, RunningSim
 
-from .helpers import chat, gateway_prompt, o200k, sse_data, sse_json
+from .helpers import TOOL, chat, gateway_prompt, o200k, sse_data, sse_json
 
 
 async def post(
@@ -275,9 +275,6 @@ async def test_models_lists_sim_models(openai_client: AsyncOpenAI) -> None:
 
     assert models
     assert all(m.startswith("sim-") for m in models)
-
-
-TOOL = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
 
 
 async def test_a_chat_tool_call_streams_its_arguments_in_pieces(openai_client: AsyncOpenAI) -> None:
