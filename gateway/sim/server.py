@@ -251,14 +251,16 @@ async def responses_endpoint(request: web.Request) -> web.StreamResponse:
     response_id = f"resp_sim{state.tag}_{state.next_id()}"
     input_tokens = await _prompt_tokens(request, body)
     draft = Draft(plan, body, response_id=response_id, input_tokens=input_tokens)
+    keep = body.get("store") is not False  # `store: false`: OpenAI keeps nothing to GET
     if body.get("stream") is True:
         shape = ResponseShape(draft)
         resp = await _stream(request, shape, plan)
-        if shape.last is not None:
+        if shape.last is not None and keep:
             state.store_response(shape.last)
         return resp
     answer = whole_response(draft)
-    state.store_response(answer)
+    if keep:
+        state.store_response(answer)
     return await _whole(request, orjson.dumps(answer), plan)
 
 

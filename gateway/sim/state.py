@@ -54,7 +54,7 @@ class SimState:
     connections_closed: int = 0
     responses: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     #: how many responses `responses` keeps (the oldest goes first)
-    responses_limit: int = 1024
+    responses_limit: int = 256
     #: in every response id this simulator makes, so that two simulators' ids never collide
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))

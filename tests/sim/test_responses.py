@@ -322,6 +322,14 @@ async def test_a_response_can_be_retrieved_and_continued(openai_client: AsyncOpe
     assert follow.id != first.id
 
 
+async def test_a_response_not_stored_cannot_be_retrieved(openai_client: AsyncOpenAI) -> None:
+    response = await openai_client.responses.create(model="sim-small", input="hi", store=False)
+
+    assert response.status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        await openai_client.responses.retrieve(response.id)
+
+
 async def test_unknown_response_ids_are_not_found(openai_client: AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         await openai_client.responses.retrieve("resp_elsewhere")
