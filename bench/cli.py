@@ -27,6 +27,7 @@ import msgspec
 
 from bench import procs, report, scenarios
 from bench.runtime import raise_nofile_limit
+from bench.sse import APIS, Api
 from bench.targets import (
     REPO,
     Direct,
@@ -55,6 +56,8 @@ class Profile:
     #: paced windows per target and load, taken round-robin over the targets: the report
     #: keeps the median (one window can be off by 10-15% on a shared machine)
     paced_rounds: int = 3
+    #: the APIs the paced scenario streams: chat chunks, and Responses API events
+    apis: tuple[Api, ...] = APIS
     capacity_streams: int = 50
     latency_streams: tuple[int, ...] = (5, 50)
     latency_delay_ms: float = 5.0
@@ -108,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, help="events per paced/capacity stream")
     p.add_argument("--paced-streams", type=_ints)
     p.add_argument("--paced-rounds", type=int, help="paced windows per target (median kept)")
+    p.add_argument("--apis", type=_names(APIS), help="paced streams: chat,responses (default both)")
     p.add_argument("--capacity-streams", type=int)
     p.add_argument("--latency-streams", type=_ints)
     p.add_argument("--slow-streams", type=_ints)
@@ -244,11 +248,13 @@ def _steps(
 def _paced_steps(
     prof: Profile, side: scenarios.LoadSide, target: Target, rep: report.Report, round_: int
 ) -> Iterator[tuple[str, str, Step]]:
-    """One round of paced windows on one target, one per load."""
-    for n in prof.paced_streams:
-        make_paced = partial(scenarios.paced, side, target, n, prof.paced_delay_ms,
-                             prof.events, prof.warmup_s, prof.window_s)  # fmt: skip
-        yield "paced", target.name, _into(rep.paced_rounds, _in_round(make_paced, round_))
+    """One round of paced windows on one target, one per API and load."""
+    for api in prof.apis:
+        for n in prof.paced_streams:
+            make_paced = partial(scenarios.paced, side, target, n, prof.paced_delay_ms,
+                                 prof.events, prof.warmup_s, prof.window_s, api)  # fmt: skip
+            step = "paced" if api == "chat" else f"paced {api}"
+            yield step, target.name, _into(rep.paced_rounds, _in_round(make_paced, round_))
 
 
 Paced = Callable[[], scenarios.PacedRow]

@@ -28,7 +28,7 @@ import msgspec
 
 from bench import runtime
 from bench.http1 import HEAD_END, MAX_HEAD, BodyDecoder, FramingError, body_decoder, parse_head
-from bench.sse import StreamSpec, expected_body, request_body
+from bench.sse import PATHS, Api, StreamSpec, expected_body, request_body
 
 
 class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,7 +39,7 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
     events: int
     delay_ms: float
     host: str = "127.0.0.1"
-    path: str = "/v1/chat/completions"
+    api: Api = "chat"
     concurrency: int = 1  # loop mode
     warmup_s: float = 1.0  # loop mode
     window_s: float = 2.0  # loop mode
@@ -136,7 +136,7 @@ class StreamClient(asyncio.Protocol):
     """
 
     def __init__(self, spec: StreamSpec, host: str, path: str, tally: Tally) -> None:
-        self._expected = expected_body(spec.events)
+        self._expected = expected_body(spec.events, spec.api)
         self._view = memoryview(self._expected.body)
         body = request_body(spec)
         self._request = (
@@ -265,10 +265,10 @@ def percentiles(values: list[float]) -> Percentiles:
 
 async def connect(spec: LoadSpec, tally: Tally) -> StreamClient:
     """Open one connection to the target."""
-    stream = StreamSpec(spec.events, spec.delay_ms)
+    stream = StreamSpec(spec.events, spec.delay_ms, spec.api)
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(
-        lambda: StreamClient(stream, f"{spec.host}:{spec.port}", spec.path, tally),
+        lambda: StreamClient(stream, f"{spec.host}:{spec.port}", PATHS[spec.api], tally),
         spec.host,
         spec.port,
     )

@@ -85,12 +85,15 @@ def derive(report: Report) -> None:
 def _paced_medians(rounds: list[PacedRow]) -> list[PacedRow]:
     """One row per target and load: the median round, its ratio the median of the ratios
     taken within each round (nginx measured minutes apart from the target at most)."""
-    nginx = {(r.round, r.streams): r.proxy_cpu_us_per_event for r in rounds if r.target == "nginx"}
+    nginx = {
+        (r.round, r.streams, r.api): r.proxy_cpu_us_per_event for r in rounds if r.target == "nginx"
+    }
     for row in rounds:
-        row.ratio_to_nginx = _ratio(row.proxy_cpu_us_per_event, nginx.get((row.round, row.streams)))
-    groups: dict[tuple[str, int], list[PacedRow]] = {}
+        base = nginx.get((row.round, row.streams, row.api))
+        row.ratio_to_nginx = _ratio(row.proxy_cpu_us_per_event, base)
+    groups: dict[tuple[str, str, int], list[PacedRow]] = {}
     for row in rounds:
-        groups.setdefault((row.target, row.streams), []).append(row)
+        groups.setdefault((row.api, row.target, row.streams), []).append(row)
     medians = []
     for group in groups.values():
         costs = sorted(c for r in group if (c := r.proxy_cpu_us_per_event) is not None)
@@ -101,7 +104,7 @@ def _paced_medians(rounds: list[PacedRow]) -> list[PacedRow]:
             middle.cpu_us_per_event_range = (costs[0], costs[-1])
         middle.ratio_to_nginx = round(statistics.median(ratios), 3) if ratios else None
         medians.append(middle)
-    return medians
+    return sorted(medians, key=lambda r: r.api != "chat")  # chat's rows first, as they came
 
 
 def _median_by_cost(group: list[PacedRow]) -> PacedRow:
@@ -139,6 +142,7 @@ def _cols(spec: str) -> list[Column]:
 
 TARGETS = _cols("target=name\nstatus=status\ndetail=detail")
 PACED = _cols("""
+    api=api
     target=target
     streams=streams
     delay_ms=delay_ms

@@ -21,6 +21,7 @@ import msgspec
 
 from bench import procs
 from bench.loadgen import LoadResult, LoadSpec, Marker, Percentiles
+from bench.sse import Api
 from bench.targets import Target
 
 SATURATED_CORES = 0.95
@@ -55,6 +56,8 @@ class PacedRow(msgspec.Struct, kw_only=True):
     cpu_us_per_event_range: tuple[float, float] | None = None
     #: the user-space part of `proxy_cpu_us_per_event` (the rest is the kernel's TCP work)
     proxy_user_us_per_event: float | None = None
+    #: the streams' API: chat chunks, or Responses API events (bigger, typed)
+    api: Api = "chat"
 
 
 class CapacityRow(msgspec.Struct, kw_only=True):
@@ -228,6 +231,7 @@ def run_loop(
     delay_ms: float,
     warmup_s: float,
     window_s: float,
+    api: Api = "chat",
 ) -> Measured:
     """A closed-loop load (`streams` users, stream after stream) on `target`, bounded by its
     own length plus room to start and stop."""
@@ -239,6 +243,7 @@ def run_loop(
         concurrency=streams,
         warmup_s=warmup_s,
         window_s=window_s,
+        api=api,
     )
     return run_load(side, target, spec, warmup_s + window_s + 30.0)
 
@@ -251,6 +256,7 @@ def paced(
     events: int,
     warmup_s: float,
     window_s: float,
+    api: Api = "chat",
 ) -> PacedRow:
     """CPU per event of the proxy while `streams` streams each send one event per `delay_ms`.
 
@@ -258,9 +264,9 @@ def paced(
     at once), so a window where other processes took the proxy's CPU is taken once more and
     the quieter of the two is kept.
     """
-    row = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s)
+    row = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s, api)
     if target.roots() and (row.foreign_cores or 0.0) > FOREIGN_RETRY_CORES:
-        again = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s)
+        again = _paced_once(side, target, streams, delay_ms, events, warmup_s, window_s, api)
         row.attempts = again.attempts = 2
         row = min(row, again, key=lambda r: r.foreign_cores or 0.0)
     return row
@@ -274,11 +280,12 @@ def _paced_once(
     events: int,
     warmup_s: float,
     window_s: float,
+    api: Api,
 ) -> PacedRow:
     """One paced window."""
     m = run_loop(
         side, target, streams=streams, events=events, delay_ms=delay_ms,
-        warmup_s=warmup_s, window_s=window_s,
+        warmup_s=warmup_s, window_s=window_s, api=api,
     )  # fmt: skip
     has_proxy = bool(target.roots())
     events_seen = max(1, m.result.events)
@@ -301,6 +308,7 @@ def _paced_once(
         errors=m.result.errors,
         saturated=proxy_cores > SATURATED_CORES or events_per_s < 0.97 * offered,
         foreign_cores=_round_opt(m.foreign_cores(side)),
+        api=api,
     )
 
 

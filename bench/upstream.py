@@ -1,7 +1,8 @@
 """The bench upstream: a raw-asyncio HTTP/1.1 server that streams pre-serialised SSE.
 
 `python -m bench.upstream [--port 0]` prints `{"port": N}` once it listens, then serves until
-SIGTERM. Every POST streams the events its body asks for (see `bench.sse`), each event in its
+SIGTERM. Every POST to /v1/chat/completions (chat chunks) or /v1/responses (Responses API
+events) streams the events its body asks for (see `bench.sse`), each event in its
 own `transport.write` with chunked transfer encoding, paced on the loop's clock, so a proxy
 receives one event per read as it would from a real model. Pacing uses one timer callback per
 event rather than a coroutine, and writes respect flow control, so this process stays far
@@ -20,7 +21,7 @@ import msgspec
 from bench import runtime
 from bench.http1 import HEAD_END, MAX_HEAD, BodyDecoder, FramingError, Head, body_decoder
 from bench.http1 import parse_head as parse_http_head
-from bench.sse import LAST_CHUNK, StreamSpec, chunked_frames, parse_request_body
+from bench.sse import LAST_CHUNK, PATHS, Api, StreamSpec, chunked_frames, parse_request_body
 
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -109,16 +110,18 @@ class StreamServer(asyncio.Protocol):
             self._respond(self._head, b"".join(self._body_parts))
 
     def _respond(self, head: Head, body: bytes) -> None:
-        """Stream what the request asks for, or 404 anything but a chat completion."""
+        """Stream what the request asks for, or 404 anything but a chat completion or a
+        Responses request."""
         assert self._transport is not None
         self._head = None
         self._keep_alive = head.keep_alive()
-        if head.start[0] != "POST" or not head.start[1].endswith("/chat/completions"):
+        api = _api(head.start[1]) if head.start[0] == "POST" else None
+        if api is None:
             self._transport.write(NOT_FOUND)
             self._finish()
             return
-        spec: StreamSpec = parse_request_body(body)
-        self._frames = chunked_frames(spec.events)
+        spec: StreamSpec = parse_request_body(body, api)
+        self._frames = chunked_frames(spec.events, spec.api)
         self._delay_s = spec.delay_ms / 1000
         self._next = 0
         self._start = self._loop.time()
@@ -153,6 +156,12 @@ class StreamServer(asyncio.Protocol):
             self._transport.close()
         elif self._pending:
             self.data_received(b"")
+
+
+def _api(target: str) -> Api | None:
+    """Which API a request target asks for (its path, before any query), if any."""
+    path = target.partition("?")[0]
+    return next((api for api, suffix in PATHS.items() if path.endswith(suffix)), None)
 
 
 async def serve(host: str, port: int) -> None:

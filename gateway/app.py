@@ -49,6 +49,7 @@ from .errors import (
 )
 from .limits import InflightGate, create_limiter
 from .metrics import GatewayMetrics
+from .model_catalog import ModelCatalog
 from .outcome import conclude
 from .proxy import handle
 from .routing import Router
@@ -64,6 +65,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("gateway")
 #: the in-process simulators (config `simulator: {}`), for tests that look at what they received
 SIM_RUNNERS = web.AppKey("sim_runners", list[web.AppRunner])
+#: the upstreams' model lists, cached, behind `GET /v1/models`
+MODEL_CATALOG = web.AppKey("model_catalog", ModelCatalog)
 
 
 def create_app(
@@ -79,6 +82,7 @@ def create_app(
         handler_args={"max_field_size": 16384},
     )
     registry = registry if registry is not None else CollectorRegistry()
+    app[MODEL_CATALOG] = ModelCatalog()
     app.cleanup_ctx.append(_lifespan(settings, registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -295,7 +299,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    models = request.app[COMPONENTS].router.listed_models()
+    """Exact route names, and the models a pattern route's upstreams list (model_catalog)."""
+    components = request.app[COMPONENTS]
+    models = await request.app[MODEL_CATALOG].listed(components.router, components.upstreams)
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "gateway"} for m in models]
     return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 

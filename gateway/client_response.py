@@ -1,6 +1,7 @@
 """The client's answer: its head, prepared once the upstream answered (or a keep-alive comment
 is due), with the upstream's status and headers, the limits' headers and, for a stream, the SSE
-headers of the contract.
+headers of the contract. A whole (non-SSE) 2xx answer keeps the upstream's Content-Length, and
+the relay writes exactly that many bytes; everything else goes out chunked.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from .aiohttp_private import head_with_first_write
 from .context import RequestContext
+from .upstream import ResponseHeaders
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -28,9 +30,20 @@ async def prepare_stream(
     resp.headers.update(limit_headers)
     if ctx.stream:
         resp.headers.update(SSE_HEADERS)
+    else:
+        resp.content_length = _kept_length(status, headers)
     ctx.sent_status = status
     await resp.prepare(request)
     return resp
+
+
+def _kept_length(status: int, headers: Mapping[str, str]) -> int | None:
+    """The upstream's Content-Length, for a whole 2xx answer with a body that is not SSE."""
+    if not isinstance(headers, ResponseHeaders) or not 200 <= status < 300 or status == 204:
+        return None
+    if headers.get("Content-Type", "").startswith("text/event-stream"):
+        return None
+    return headers.declared_length
 
 
 @head_with_first_write

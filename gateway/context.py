@@ -26,6 +26,8 @@ class RequestContext:
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() is in whole ms)
     team: str = "anonymous"
     model: str = "other"  # the bounded metric label, see routing.RouteMatch.label
+    #: the model the client asked for, verbatim (the log line only: never a metric label)
+    requested_model: str | None = None
     upstream: str = "none"
     stream: bool = False
     prompt_tokens: int = 0
@@ -63,6 +65,7 @@ class RequestContext:
             "request_id": self.request_id,
             "team": self.team,
             "model": self.model,
+            "requested_model": self.requested_model,
             "upstream": self.upstream,
             "status": self.status,
             "stream": self.stream,

@@ -62,6 +62,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     comp, ctx = request.app[COMPONENTS], request[CTX]
     try:
         parsed = await parse_request(request, comp.settings.max_request_bytes, comp.timeouts.body_s)
+        ctx.requested_model = parsed.model
         match = resolve(comp, parsed)
         ctx.model, ctx.stream = match.label, parsed.stream
         gate = await enter_gate(comp, ctx)

@@ -105,6 +105,8 @@ async def pump(
         return RelayResult("client_disconnect")
     except _Ended as ended:
         drop_tracebacks(ended)
+        if not plan.sse:  # a whole answer cut short: close, so the client sees it incomplete
+            resp.force_close()
         if plan.sse:
             # an event cut in half would swallow the error event: close it off first
             event = plan.error_event(ended.error)

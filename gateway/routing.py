@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -36,12 +37,30 @@ class Router:
                 return RouteMatch(route, pattern)
         return None
 
-    def listed_models(self) -> list[str]:
-        """The model ids `GET /v1/models` shows: every exact name and every pattern, in order."""
+    def pattern_upstreams(self) -> list[str]:
+        """The upstreams of the routes that name a pattern: whose model lists `listed_models`
+        needs, in route order, each once."""
+        names: dict[str, None] = {}
+        for route, _, literal in self._patterns:
+            if not literal:
+                names.update(dict.fromkeys(route.upstream_names))
+        return list(names)
+
+    def listed_models(self, upstream_models: Callable[[str], Iterable[str]]) -> list[str]:
+        """The model ids `GET /v1/models` shows, in route order, each once: every exact name,
+        and for a pattern the models its route's upstreams list (`upstream_models(name)`)
+        that match it and that this route would serve (an earlier route does not claim them).
+        A pattern itself is never listed."""
         seen: dict[str, None] = {}
-        for route in self._routes:
-            for pattern in route.models:
+        for route, pattern, literal in self._patterns:
+            if literal:
                 seen.setdefault(pattern, None)
+                continue
+            for upstream in route.upstream_names:
+                for model in upstream_models(upstream):
+                    found = self.match(model)
+                    if found is not None and found.route is route and found.label == pattern:
+                        seen.setdefault(model, None)
         return list(seen)
 
 

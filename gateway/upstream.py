@@ -53,7 +53,9 @@ DROP_REQUEST_HEADERS = frozenset(
 )  # fmt: skip
 
 #: response headers never forwarded to the client (hop-by-hop, the framing aiohttp's server
-#: sets itself, and Content-Encoding: the pool decodes gzip and deflate bodies)
+#: sets itself, and Content-Encoding: the pool decodes gzip and deflate bodies). The upstream's
+#: Content-Length travels beside them (`ResponseHeaders.declared_length`): only an answer
+#: relayed whole may declare it again (client_response decides)
 DROP_RESPONSE_HEADERS = frozenset(
     h.lower()
     for h in (
@@ -480,11 +482,23 @@ def _fail_before_first_byte(exc: Exception, upstream_name: str, phase: Phase) ->
     raise _Retryable(error) from exc
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+class ResponseHeaders(CIMultiDict[str]):
+    """The upstream's response headers to relay, and the length it declared for a body sent
+    as it is (no Content-Encoding, no Transfer-Encoding), else None."""
+
+    declared_length: int | None = None
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> ResponseHeaders:
     """The upstream's response headers, less hop-by-hop and what aiohttp's server sets itself."""
-    return CIMultiDict(
+    headers = ResponseHeaders(
         (k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS
     )
+    length = upstream.get("Content-Length", "")
+    as_is = upstream.get("Content-Encoding", "identity").strip().lower() == "identity"
+    if length.isdigit() and as_is and "Transfer-Encoding" not in upstream:
+        headers.declared_length = int(length)
+    return headers
 
 
 async def read_error_body(opened: Opened) -> bytes:

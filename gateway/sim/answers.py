@@ -1,10 +1,11 @@
 """Whole (non-streamed) answers, usage and the small endpoints: embeddings, models.
 
-Usage follows one rule, streamed or not: `completion_tokens` is the number of token chunks per
-choice (content plus reasoning, `<think>` and `</think>` included), summed over the choices, so
-a gateway that counts one token per content chunk matches exactly. `prompt_tokens` is an
-estimate: the characters of the messages' text (or of the prompt) divided by 4, rounded up,
-plus 3 per chat message.
+Usage follows one rule, streamed or not: `completion_tokens` is the sum of the o200k_base
+token counts of each chunk (content plus reasoning, `<think>` and `</think>` included), summed
+over the choices, which is exactly what the gateway's meter counts with its default tokenizer
+(it counts per chunk too). `prompt_tokens` is the gateway's own prompt estimate
+(`gateway.tokens.estimate_prompt_tokens`) with the same tokenizer, so a `sim-*` route shows no
+drift between its live count and the simulator's usage.
 """
 
 from __future__ import annotations
@@ -18,40 +19,9 @@ from typing import Any
 from .events import Kind
 from .steering import Plan
 
-MODELS = ("sim-small", "sim-large", "sim-reasoning")
 MODELS_CREATED = 1_700_000_000
 
 EMBEDDING_DIMENSIONS = 8
-
-
-def estimate_prompt_tokens(body: dict[str, Any], kind: Kind) -> int:
-    if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return 0
-        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
-        return math.ceil(chars / 4) + 3 * len(messages)
-    return _input_tokens(body.get("prompt"))
-
-
-def _text_chars(content: Any) -> int:
-    """Characters of a message's text: a string, or the `text` of its content parts."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
-    return 0
-
-
-def _input_tokens(value: Any) -> int:
-    """A prompt or embeddings input: a string, token ids, or a list of either."""
-    if isinstance(value, str):
-        return math.ceil(len(value) / 4)
-    if isinstance(value, int):
-        return 1
-    if isinstance(value, list):
-        return sum(_input_tokens(v) for v in value)
-    return 0
 
 
 def usage(
@@ -69,11 +39,11 @@ def usage(
 
 def plan_usage(plan: Plan, prompt_tokens: int, n: int) -> dict[str, Any]:
     """The usage of a whole answer to `plan` with `n` choices."""
-    reasoning = len(plan.reasoning.text)
+    reasoning = plan.reasoning.total
     return usage(
         prompt_tokens,
-        n * (len(plan.content.text) + reasoning),
-        n * reasoning if reasoning else None,
+        n * (plan.content.total + reasoning + plan.arguments.total),
+        n * reasoning if plan.reasoning.text else None,
     )
 
 
@@ -98,6 +68,11 @@ def whole_answer(
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if reasoning:
             message["reasoning_content"] = reasoning
+        if plan.tool_name is not None:
+            message["content"] = content or None
+            function = {"name": plan.tool_name, "arguments": plan.arguments.joined()}
+            call_id = "call_" + response_id.rpartition("-")[2]
+            message["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
         choice = {"message": message, "logprobs": None}
     return {
         "id": response_id,
@@ -109,7 +84,7 @@ def whole_answer(
     }
 
 
-def embeddings(body: dict[str, Any]) -> dict[str, Any]:
+def embeddings(body: dict[str, Any], tokens: int) -> dict[str, Any]:
     """A deterministic embedding per input (same input, same vector), with usage."""
     inputs = body.get("input")
     items = inputs if isinstance(inputs, list) and not _is_token_ids(inputs) else [inputs]
@@ -126,7 +101,6 @@ def embeddings(body: dict[str, Any]) -> dict[str, Any]:
             else vector
         )
         data.append({"object": "embedding", "index": index, "embedding": encoded})
-    tokens = _input_tokens(inputs)
     return {
         "object": "list",
         "data": data,
@@ -151,11 +125,11 @@ def _vector(seed: bytes, dimensions: int) -> list[float]:
     return list(struct.unpack(f"<{dimensions}f", packed))
 
 
-def model_list() -> dict[str, Any]:
+def model_list(models: tuple[str, ...]) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
             {"id": m, "object": "model", "created": MODELS_CREATED, "owned_by": "gateway-sim"}
-            for m in MODELS
+            for m in models
         ],
     }

@@ -9,8 +9,9 @@ loop never walks a dict. The result is exactly what `orjson.dumps` gives for the
            "model":"sim-small","choices":[{"index":0,"delta":{"content":" quick"},
            "finish_reason":null}]}\\n\\n
 
-Chat choices carry `delta` (`role` first, then `content` or `reasoning_content`, then `{}` with
-the finish reason); plain completions (`object: "text_completion"`) carry `text` and `logprobs`.
+Chat choices carry `delta` (`role` first, then `content` or `reasoning_content`, then a tool
+call's `tool_calls` pieces, then `{}` with the finish reason); plain completions
+(`object: "text_completion"`) carry `text` and `logprobs`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import orjson
 
-Kind = Literal["chat", "text"]
+Kind = Literal["chat", "text", "responses"]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -60,6 +61,22 @@ class ChunkEncoder:
         """A `delta.reasoning_content` chunk (chat only)."""
         return self._choice(
             index, b'"delta":{"reasoning_content":' + piece + b'},"finish_reason":null'
+        )
+
+    def tool_call(self, index: int, call_id: bytes, name: bytes) -> bytes:
+        """A chat choice's first tool-call chunk: the call's id and function name (JSON)."""
+        return self._choice(
+            index,
+            b'"delta":{"tool_calls":[{"index":0,"id":' + call_id + b',"type":"function",'
+            b'"function":{"name":' + name + b',"arguments":""}}]},"finish_reason":null',
+        )
+
+    def arguments(self, index: int, piece: bytes) -> bytes:
+        """A piece of the tool call's arguments (chat only); `piece` is the JSON string."""
+        return self._choice(
+            index,
+            b'"delta":{"tool_calls":[{"index":0,"function":{"arguments":' + piece + b"}}]},"
+            b'"finish_reason":null',
         )
 
     def finish(self, index: int, reason: bytes) -> bytes:

@@ -7,14 +7,17 @@ A request's route, in the order it runs:
         -> `headers_delay_ms`, then an early fault or status (reset, HTML 500, redirect, error)
           -> a streamed answer (stream.write_stream) or a whole one (answers.whole_answer)
 
-Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models; and two
+Routes: POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings;
+GET /v1/models, /v1/responses/{id} (the responses this simulator made, bounded); and two
 control paths that SimState neither records nor counts: GET /sim/state (SimState's counters,
 for a simulator in another process) and /sim/redirected (where the `redirect` fault points).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import gzip
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,14 +28,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .answers import embeddings, estimate_prompt_tokens, model_list, whole_answer
+from gateway.tokens import Tokenizer, estimate_prompt_tokens, load_tokenizer
+
+from .answers import embeddings, model_list, whole_answer
 from .connection import drop, pause, reset
 from .events import ChunkEncoder, Kind, error_body
+from .responses import Draft, ResponseShape, whole_response
 from .state import SIM_STATE, RecordedRequest, SimState
 from .steering import Plan, SimDefaults, SteeringError, read_steering, resolve
-from .stream import STALL_S, write_stream
+from .stream import STALL_S, ChatShape, Shape, write_stream
 
 SIM_DEFAULTS = web.AppKey("sim_defaults", SimDefaults)
+#: the gateway's default tokenizer: the simulator's usage is what the gateway counts with it
+SIM_TOKENIZER = web.AppKey("sim_tokenizer", Tokenizer)
+TOKENIZER = "o200k_base"
+#: request bodies at least this large have their prompt counted off the event loop
+OFF_LOOP_PROMPT_BYTES = 64 * 1024
 
 #: request bodies up to this size are read (aiohttp's default is 1 MiB)
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -139,7 +150,16 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def _plan(request: web.Request, body: dict[str, Any], kind: Kind) -> Plan:
     steer = read_steering(body.get("sim"), request.headers.get("x-sim"))
-    return resolve(steer, request.app[SIM_DEFAULTS], kind=kind)
+    tokenizer = request.app[SIM_TOKENIZER]
+    return resolve(steer, request.app[SIM_DEFAULTS], kind=kind, tokenizer=tokenizer)
+
+
+async def _prompt_tokens(request: web.Request, body: dict[str, Any]) -> int:
+    """The gateway's prompt estimate of `body`; a big body is counted in a thread."""
+    tokenizer = request.app[SIM_TOKENIZER]
+    if (request.content_length or 0) < OFF_LOOP_PROMPT_BYTES:
+        return estimate_prompt_tokens(body, tokenizer)
+    return await asyncio.to_thread(estimate_prompt_tokens, body, tokenizer)
 
 
 def _early_answer(request: web.Request, plan: Plan) -> web.StreamResponse | None:
@@ -189,16 +209,15 @@ async def _complete(request: web.Request, kind: Kind) -> web.StreamResponse:
         f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-sim{request.app[SIM_STATE].next_id()}"
     )
     created = int(time.time())
-    prompt_tokens = estimate_prompt_tokens(body, kind)
+    prompt_tokens = await _prompt_tokens(request, body)
     if body.get("stream") is True:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         enc = ChunkEncoder(
             kind, response_id=response_id, created=created, model=model, include_usage=include_usage
         )
-        return await _stream(
-            request, enc, plan, n=n, prompt_tokens=prompt_tokens, include_usage=include_usage
-        )
+        shape = ChatShape(enc, plan, n=n, prompt_tokens=prompt_tokens, include_usage=include_usage)
+        return await _stream(request, shape, plan)
     answer = whole_answer(
         kind, plan, response_id=response_id, created=created, model=model, n=n,
         prompt_tokens=prompt_tokens,
@@ -206,24 +225,77 @@ async def _complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     return await _whole(request, orjson.dumps(answer), plan)
 
 
-async def _stream(
-    request: web.Request,
-    enc: ChunkEncoder,
-    plan: Plan,
-    *,
-    n: int,
-    prompt_tokens: int,
-    include_usage: bool,
-) -> web.StreamResponse:
+async def _stream(request: web.Request, shape: Shape, plan: Plan) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await resp.prepare(request)
     with contextlib.suppress(ConnectionError):  # the client left, or a fault reset the line
-        await write_stream(
-            request, resp, enc, plan, n=n, prompt_tokens=prompt_tokens, include_usage=include_usage
-        )
+        await write_stream(request, resp, shape, plan)
     return resp
+
+
+async def responses_endpoint(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses, streamed or whole; the answer is kept for GET /v1/responses/{id}."""
+    body = await _json_object(request)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise BadRequest("you must provide a model parameter", "model")
+    state = request.app[SIM_STATE]
+    previous = body.get("previous_response_id")
+    if previous is not None and previous not in state.responses:
+        return _previous_not_found(previous)
+    plan = _within_max_output_tokens(_plan(request, body, "responses"), body)
+    await pause(request, plan.headers_delay_s)
+    if (early := _early_answer(request, plan)) is not None:
+        return early
+    response_id = f"resp_sim{state.tag}_{state.next_id()}"
+    input_tokens = await _prompt_tokens(request, body)
+    draft = Draft(plan, body, response_id=response_id, input_tokens=input_tokens)
+    keep = body.get("store") is not False  # `store: false`: OpenAI keeps nothing to GET
+    if body.get("stream") is True:
+        shape = ResponseShape(draft)
+        resp = await _stream(request, shape, plan)
+        if shape.last is not None and keep:
+            state.store_response(shape.last)
+        return resp
+    answer = whole_response(draft)
+    if keep:
+        state.store_response(answer)
+    return await _whole(request, orjson.dumps(answer), plan)
+
+
+def _within_max_output_tokens(plan: Plan, body: dict[str, Any]) -> Plan:
+    """With `max_output_tokens` smaller than the answer, it stops after the last token piece
+    that fits, as `incomplete` (the reason OpenAI gives: max_output_tokens)."""
+    limit = body.get("max_output_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or plan.fault is not None:
+        return plan
+    fits, used = 0, 0
+    for part in (plan.reasoning, plan.content, plan.arguments):
+        for tokens in part.tokens:
+            used += tokens
+            if used > limit:
+                return dataclasses.replace(plan, fault="incomplete", fail_after=fits)
+            fits += 1
+    return plan
+
+
+def _previous_not_found(previous: Any) -> web.Response:
+    body = error_body(
+        f"Previous response with id '{previous}' not found.",
+        "invalid_request_error",
+        "previous_response_not_found",
+        "previous_response_id",
+    )
+    return web.Response(status=400, body=orjson.dumps(body), content_type="application/json")
+
+
+async def response_get_endpoint(request: web.Request) -> web.StreamResponse:
+    response_id = request.match_info["response_id"]
+    found = request.app[SIM_STATE].responses.get(response_id)
+    if found is None:
+        return error_response(404, f"No response found with id '{response_id}'.")
+    return web.Response(body=orjson.dumps(found), content_type="application/json")
 
 
 async def _whole(request: web.Request, payload: bytes, plan: Plan) -> web.StreamResponse:
@@ -260,11 +332,13 @@ async def embeddings_endpoint(request: web.Request) -> web.StreamResponse:
     await pause(request, plan.headers_delay_s)
     if (early := _early_answer(request, plan)) is not None:
         return early
-    return web.Response(body=orjson.dumps(embeddings(body)), content_type="application/json")
+    answer = embeddings(body, await _prompt_tokens(request, body))
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
 
 async def models_endpoint(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=orjson.dumps(model_list()), content_type="application/json")
+    models = model_list(request.app[SIM_DEFAULTS].models)
+    return web.Response(body=orjson.dumps(models), content_type="application/json")
 
 
 async def state_endpoint(request: web.Request) -> web.StreamResponse:
@@ -281,13 +355,21 @@ def create_sim_app(options: SimDefaults | None = None) -> web.Application:
     app = web.Application(middlewares=[_observe], client_max_size=MAX_REQUEST_BYTES)
     app[SIM_DEFAULTS] = options
     app[SIM_STATE] = SimState.new(options.record_limit)
+    app.on_startup.append(_load_tokenizer)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses_endpoint)
+    app.router.add_get("/v1/responses/{response_id}", response_get_endpoint)
     app.router.add_post("/v1/embeddings", embeddings_endpoint)
     app.router.add_get("/v1/models", models_endpoint)
     app.router.add_get(CONTROL_PREFIX + "state", state_endpoint)
     app.router.add_route("*", REDIRECT_TARGET, redirected_endpoint)
     return app
+
+
+async def _load_tokenizer(app: web.Application) -> None:
+    """Read the BPE table once per process (a file read: in a thread, off the event loop)."""
+    app[SIM_TOKENIZER] = await asyncio.to_thread(load_tokenizer, TOKENIZER)
 
 
 async def start_sim(

@@ -7,6 +7,8 @@
 (The simulator's own /sim/* paths are neither recorded nor counted.)
     state.connections_opened  TCP connections accepted, and closed, from either side
     state.connections_closed
+    state.responses           the last Responses API answers, by id (bounded): what
+                              GET /v1/responses/{id} and `previous_response_id` find
 
 Connections are counted at the server's own hooks (`web.Server.connection_made` and
 `connection_lost`), which `watch` wraps; `start_sim` does that for you. Under another runner
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
+import secrets
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,12 +52,22 @@ class SimState:
     active_requests: int = 0
     connections_opened: int = 0
     connections_closed: int = 0
+    responses: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    #: how many responses `responses` keeps (the oldest goes first)
+    responses_limit: int = 256
+    #: in every response id this simulator makes, so that two simulators' ids never collide
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     @classmethod
     def new(cls, record_limit: int) -> SimState:
         return cls(requests=deque(maxlen=record_limit))
+
+    def store_response(self, response: dict[str, Any]) -> None:
+        self.responses[response["id"]] = response
+        while len(self.responses) > self.responses_limit:
+            self.responses.popitem(last=False)
 
     @property
     def connections_open(self) -> int:

@@ -5,8 +5,8 @@ Steering comes from the body field `"sim": {...}` (the OpenAI SDK sends it with
 name a key, the body wins. Unknown keys are an error, so a typo in a test fails loudly.
 
 Text is cut into word-ish pieces (`" quick"`, `" brown"`), each about one BPE token, and each
-piece is one content chunk. The pieces are JSON-encoded once and cached, so the streaming loop
-only concatenates bytes.
+piece is one content chunk. The pieces are JSON-encoded and counted (o200k_base, the gateway's
+default tokenizer) once and cached, so the streaming loop only concatenates bytes and adds.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
+
+from gateway.tokens import Tokenizer, load_tokenizer
 
 from .events import Kind
 
@@ -55,11 +57,25 @@ Fault = Literal[
     "split",  # each event in several writes 1 ms apart, cut inside `data:`, the JSON, a UTF-8
     # character (the default text becomes multi-byte) and the final "\n\n"; streams only
     "error_event",  # after `fail_after` token chunks, one `data: {"error": ...}` event, then the
-    # body ends cleanly without [DONE]; streams only
+    # body ends cleanly without [DONE] (Responses: an `error` event); streams only
+    "failed",  # Responses only: after `fail_after` token chunks, `response.failed` ends the
+    # stream; whole: a response with status "failed"
+    "incomplete",  # Responses only: after `fail_after` token chunks, `response.incomplete`
+    # (max_output_tokens) ends the stream; whole: the output cut there, status "incomplete"
 ]
+#: the faults that only a Responses answer knows
+RESPONSES_FAULTS = frozenset(("failed", "incomplete"))
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Millis = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`tool_call`: the answer ends in a call of this function, its arguments streamed in pieces
+    (Responses: a `function_call` output item)."""
+
+    name: str = "get_weather"
+    arguments: str = '{"city": "Paris", "unit": "celsius"}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,8 @@ class SimDefaults:
     text: str = DEFAULT_TEXT
     #: how many received requests SimState keeps
     record_limit: int = 256
+    #: what GET /v1/models lists
+    models: tuple[str, ...] = ("sim-small", "sim-large", "sim-reasoning")
 
 
 class Steer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -84,23 +102,32 @@ class Steer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     text: str | None = None
     reasoning_chunks: NonNegInt = 0
     think: bool = False
-    finish_reason: str = "stop"
+    finish_reason: str | None = None  # "stop", or "tool_calls" with a tool call
     status: Annotated[int, msgspec.Meta(ge=400, le=599)] | None = None
     retry_after: Annotated[float, msgspec.Meta(ge=0)] | None = None
     fault: Fault | None = None
     fail_after: NonNegInt = 0
     big_bytes: Annotated[int, msgspec.Meta(ge=256, le=64 * 1024 * 1024)] = 2 * 1024 * 1024
+    tool_call: ToolCall | None = None
+    #: Responses usage: this many of the input tokens were read from the cache (at most all)
+    cached_tokens: NonNegInt = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Pieces:
-    """One answer's chunks: the strings, and the same strings JSON-encoded for the stream."""
+    """One answer's chunks: the strings, the same strings JSON-encoded for the stream, and
+    each one's token count (what the gateway counts for that chunk)."""
 
     text: tuple[str, ...]
     json: tuple[bytes, ...]
+    tokens: tuple[int, ...]
 
     def joined(self) -> str:
         return "".join(self.text)
+
+    @property
+    def total(self) -> int:
+        return sum(self.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +147,11 @@ class Plan:
     fault: Fault | None
     fail_after: int
     big_bytes: int
+    #: the function call the answer ends in (its arguments in pieces), or None
+    tool_name: str | None
+    arguments: Pieces
+    cached_tokens: int
+    tokenizer: Tokenizer
 
 
 class SteeringError(ValueError):
@@ -148,23 +180,30 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def resolve(steer: Steer, defaults: SimDefaults, *, kind: Kind) -> Plan:
-    """Fill in the defaults. Plain completions have no reasoning field: they always `think`."""
-    think = steer.think or kind == "text"
+def resolve(steer: Steer, defaults: SimDefaults, *, kind: Kind, tokenizer: Tokenizer) -> Plan:
+    """Fill in the defaults. Plain completions have no reasoning field: they always `think`;
+    Responses have a reasoning item of their own: they never do."""
+    if steer.fault in RESPONSES_FAULTS and kind != "responses":
+        raise SteeringError(f"fault {steer.fault!r} is for /v1/responses only")
+    call = steer.tool_call
+    if call is not None and kind == "text":
+        raise SteeringError("tool_call is for chat completions and responses only")
+    think = (steer.think or kind == "text") and kind != "responses"
     text = steer.text
     if text is None:
         text = MULTIBYTE_TEXT if steer.fault == "split" else defaults.text
     chunks = steer.chunks
     if chunks is None and steer.text is None:
         chunks = defaults.chunks
-    reasoning = pieces(REASONING_TEXT, steer.reasoning_chunks)
+    reasoning = pieces(REASONING_TEXT, steer.reasoning_chunks, tokenizer.name)
     if think and reasoning.text:
-        reasoning = _wrap_think(reasoning)
+        reasoning = _wrap_think(reasoning, tokenizer.name)
+    call = steer.tool_call
     return Plan(
-        content=pieces(text, chunks),
+        content=pieces(text, chunks, tokenizer.name),
         reasoning=reasoning,
         think=think,
-        finish_reason=steer.finish_reason,
+        finish_reason=steer.finish_reason or ("stop" if call is None else "tool_calls"),
         ttft_s=_seconds(steer.ttft_ms, defaults.ttft_ms),
         delay_s=_seconds(steer.delay_ms, defaults.delay_ms),
         headers_delay_s=steer.headers_delay_ms / 1000,
@@ -173,6 +212,10 @@ def resolve(steer: Steer, defaults: SimDefaults, *, kind: Kind) -> Plan:
         fault=steer.fault,
         fail_after=steer.fail_after,
         big_bytes=steer.big_bytes,
+        tool_name=None if call is None else call.name,
+        arguments=pieces("" if call is None else call.arguments, None, tokenizer.name),
+        cached_tokens=steer.cached_tokens,
+        tokenizer=tokenizer,
     )
 
 
@@ -184,8 +227,9 @@ _WORD = re.compile(r"\s*\S+")
 
 
 @functools.lru_cache(maxsize=64)
-def pieces(text: str, count: int | None = None) -> Pieces:
-    """`text` in word-ish pieces, cycled or trimmed to `count` (None: as many as it has).
+def pieces(text: str, count: int | None, tokenizer: str) -> Pieces:
+    """`text` in word-ish pieces, cycled or trimmed to `count` (None: as many as it has),
+    counted with the tokenizer of that name (loaded already: `load_tokenizer` caches it).
 
     When the text starts over, its first piece gets a leading space so the words stay apart.
     """
@@ -193,16 +237,22 @@ def pieces(text: str, count: int | None = None) -> Pieces:
     if count is None:
         count = len(words)
     if not words:
-        return Pieces((), ())
+        return Pieces((), (), ())
     out: list[str] = []
     for i in range(count):
         word = words[i % len(words)]
         if i >= len(words) and i % len(words) == 0 and not word[:1].isspace():
             word = " " + word
         out.append(word)
-    return Pieces(tuple(out), tuple(orjson.dumps(w) for w in out))
+    return _encoded(tuple(out), tokenizer)
 
 
-def _wrap_think(reasoning: Pieces) -> Pieces:
-    text = (THINK_OPEN, *reasoning.text, THINK_CLOSE)
-    return Pieces(text, tuple(orjson.dumps(w) for w in text))
+def _wrap_think(reasoning: Pieces, tokenizer: str) -> Pieces:
+    return _encoded((THINK_OPEN, *reasoning.text, THINK_CLOSE), tokenizer)
+
+
+def _encoded(text: tuple[str, ...], tokenizer: str) -> Pieces:
+    """The pieces, JSON-encoded and counted one by one: the gateway meters a stream per
+    chunk, so a count per piece (not of the whole text) is what agrees with it."""
+    count = load_tokenizer(tokenizer).count
+    return Pieces(text, tuple(orjson.dumps(w) for w in text), tuple(count(w) for w in text))

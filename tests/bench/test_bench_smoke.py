@@ -41,9 +41,12 @@ def test_tiny_run_writes_every_scenario_with_exact_streams(tmp_path: Path) -> No
     assert set(report) >= {"meta", "targets", "paced", "capacity", "latency", "slow", "failures"}
     assert report["failures"] == []
     assert report["targets"] == [{"name": "direct", "status": "ok", "detail": ""}]
-    (paced,) = report["paced"]
+    paced, paced_responses = report["paced"]
+    assert (paced["api"], paced_responses["api"]) == ("chat", "responses")
     assert paced.keys() >= {"events_per_s", "proxy_cpu_us_per_event", "ratio_to_nginx"}
     assert paced["events_per_s"] > 0
+    assert paced_responses["events_per_s"] > 0 and paced_responses["streams_exact"] > 0
+    assert paced_responses["errors"] == {}
     (capacity,) = report["capacity"]
     assert capacity["events_per_s"] > 0
     (latency,) = report["latency"]

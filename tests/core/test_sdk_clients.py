@@ -107,4 +107,4 @@ async def test_models_lists_what_the_routes_serve(gw: RunningGateway) -> None:
     client = await async_openai(gw.base_url)
     models = await client.models.list()
     await client.close()
-    assert [m.id for m in models.data] == ["sim-*"]
+    assert [m.id for m in models.data] == ["sim-small", "sim-large", "sim-reasoning"]

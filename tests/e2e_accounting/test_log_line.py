@@ -47,6 +47,7 @@ FIELDS = frozenset(
         "chunks",
         "finish_reason",
         "end",
+        "requested_model",
     ]
 )
 LIMITED_KEY = "sk-team-limited-5e0c2a99"
@@ -138,6 +139,7 @@ async def test_completed_stream_logs_its_tally() -> None:
     line = await run(completed, "req-completed")
     assert line["end"] == "completed" and line["status"] == 200 and line["stream"] is True
     assert (line["team"], line["model"], line["upstream"]) == ("search", PATTERN, "sim")
+    assert line["requested_model"] == "sim-log"  # verbatim; the metrics keep the pattern
     assert (line["completion_tokens"], line["reasoning_tokens"], line["chunks"]) == (7, 2, 7)
     assert line["prompt_tokens"] > 0 and line["usage_source"] == "estimate"
     assert line["finish_reason"] == "stop"
@@ -178,3 +180,17 @@ async def test_limited_request_is_logged_with_end_limit() -> None:
     assert second["end"] == "limit" and second["status"] == 429
     assert second["team"] == "limited" and second["model"] == PATTERN
     assert second["completion_tokens"] == 0 and second["ttft_ms"] is None
+
+
+async def test_an_unknown_model_is_logged_as_the_client_asked_for_it() -> None:
+    async def unknown(sdk: openai.AsyncOpenAI, request_id: str) -> None:
+        with pytest.raises(openai.NotFoundError):
+            await sdk.chat.completions.create(
+                model="No-Such-Model 7b",
+                messages=MESSAGES,
+                extra_headers={"X-Request-Id": request_id},
+            )
+
+    line = await run(unknown, "req-unknown")
+    assert line["status"] == 404
+    assert (line["model"], line["requested_model"]) == ("other", "No-Such-Model 7b")

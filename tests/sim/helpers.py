@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 
+from gateway.tokens import estimate_prompt_tokens, load_tokenizer
+
 
 def sse_data(raw: bytes) -> list[bytes]:
     """The `data:` payloads of an SSE body, in order; the body must frame cleanly."""
@@ -27,3 +29,17 @@ def chat(**fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
     body.update(fields)
     return body
+
+
+#: a function call the simulator is steered to end in (`tool_call`)
+TOOL = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+
+
+def o200k(text: str) -> int:
+    """The gateway's count of `text` with its default tokenizer (loaded by the simulator)."""
+    return load_tokenizer("o200k_base").count(text)
+
+
+def gateway_prompt(body: dict[str, Any]) -> int:
+    """The gateway's prompt estimate of a request body, with its default tokenizer."""
+    return estimate_prompt_tokens(body, load_tokenizer("o200k_base"))

@@ -10,7 +10,13 @@ from aiohttp import web
 
 from gateway.sim.events import DONE, ChunkEncoder
 from gateway.sim.steering import SimDefaults, Steer, pieces, resolve
-from gateway.sim.stream import write_stream
+from gateway.sim.stream import ChatShape, write_stream
+from gateway.tokens import Tokenizer, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def o200k() -> Tokenizer:
+    return load_tokenizer("o200k_base")
 
 
 def data(obj: dict[str, Any]) -> bytes:
@@ -59,19 +65,16 @@ class RecordingResponse:
         self.writes.append(data)
 
 
-async def test_each_event_is_its_own_write_even_without_delay() -> None:
+async def test_each_event_is_its_own_write_even_without_delay(o200k: Tokenizer) -> None:
     enc = ChunkEncoder("chat", response_id="c", created=1, model="m", include_usage=True)
-    plan = resolve(Steer(chunks=3, reasoning_chunks=1), SimDefaults(), kind="chat")
+    plan = resolve(Steer(chunks=3, reasoning_chunks=1), SimDefaults(), kind="chat", tokenizer=o200k)
     resp = RecordingResponse()
 
     await write_stream(
         cast(web.BaseRequest, None),  # delays of 0 never look at the connection
         cast(web.StreamResponse, resp),
-        enc,
+        ChatShape(enc, plan, n=2, prompt_tokens=5, include_usage=True),
         plan,
-        n=2,
-        prompt_tokens=5,
-        include_usage=True,
     )
 
     assert all(w.startswith(b"data: ") and w.endswith(b"\n\n") for w in resp.writes)
@@ -82,9 +85,16 @@ async def test_each_event_is_its_own_write_even_without_delay() -> None:
     assert orjson.loads(resp.writes[-2][6:])["usage"]["completion_tokens"] == 8
 
 
-def test_pieces_cycle_with_a_space_and_trim() -> None:
-    assert pieces("a b", 5).text == ("a", " b", " a", " b", " a")
-    assert pieces("a b c", 2).text == ("a", " b")
-    assert pieces("", 4).text == ()
-    assert pieces("  ", None).text == ("  ",)
-    assert pieces("x", 1).json == (b'"x"',)
+def test_pieces_cycle_with_a_space_and_trim(o200k: Tokenizer) -> None:
+    assert pieces("a b", 5, "o200k_base").text == ("a", " b", " a", " b", " a")
+    assert pieces("a b c", 2, "o200k_base").text == ("a", " b")
+    assert pieces("", 4, "o200k_base").text == ()
+    assert pieces("  ", None, "o200k_base").text == ("  ",)
+    assert pieces("x", 1, "o200k_base").json == (b'"x"',)
+
+
+def test_each_piece_carries_its_o200k_count(o200k: Tokenizer) -> None:
+    got = pieces("Ünïcödé résumé 日本語の", None, "o200k_base")
+
+    assert got.tokens == tuple(o200k.count(piece) for piece in got.text)
+    assert got.total > len(got.text)  # multi-token pieces: not one per piece

@@ -7,10 +7,11 @@ from typing import Any
 import aiohttp
 import orjson
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.sim import DEFAULT_TEXT, RunningSim
 
-from .helpers import chat, sse_data, sse_json
+from .helpers import TOOL, chat, gateway_prompt, o200k, sse_data, sse_json
 
 
 async def post(
@@ -79,9 +80,13 @@ async def test_default_text_is_sixteen_word_pieces(openai_client: AsyncOpenAI) -
 async def test_include_usage_sends_the_usage_only_chunk_before_done(
     openai_client: AsyncOpenAI,
 ) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "12345678"},
+        {"role": "user", "content": "1"},
+    ]
     stream = await openai_client.chat.completions.create(
         model="sim-small",
-        messages=[{"role": "user", "content": "12345678"}, {"role": "user", "content": "1"}],
+        messages=messages,
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"sim": {"chunks": 7}},
@@ -91,9 +96,10 @@ async def test_include_usage_sends_the_usage_only_chunk_before_done(
     *body, last = chunks
     assert last.choices == []
     assert last.usage is not None
-    # prompt: ceil(9 characters / 4) + 3 per message
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (3 + 6, 7)
-    assert last.usage.total_tokens == 16
+    # prompt: the gateway's estimate (o200k, 3 per message, 3 to prime the reply)
+    prompt = gateway_prompt({"messages": messages})
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (prompt, 7)
+    assert last.usage.total_tokens == prompt + 7
     assert all(c.usage is None for c in body)
 
 
@@ -159,9 +165,10 @@ async def test_think_puts_reasoning_in_the_content(openai_client: AsyncOpenAI) -
     assert pieces == ["", "<think>", "Let", " me", "</think>", "The", " quick", None]
     usage = chunks[-1].usage
     assert usage is not None
-    assert usage.completion_tokens == 6  # one per chunk, the tags included
+    # o200k per chunk, the tags included: "<think>" and "</think>" are 3 tokens each
+    assert usage.completion_tokens == sum(o200k(p or "") for p in pieces) == 10
     assert usage.completion_tokens_details is not None
-    assert usage.completion_tokens_details.reasoning_tokens == 4
+    assert usage.completion_tokens_details.reasoning_tokens == 8
 
 
 async def test_text_and_finish_reason_are_steerable(openai_client: AsyncOpenAI) -> None:
@@ -204,7 +211,7 @@ async def test_plain_completion_streams_text_completion_chunks(openai_client: As
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "The quick brown"
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert chunks[-1].usage is not None
-    assert chunks[-1].usage.prompt_tokens == 4  # ceil(13 / 4)
+    assert chunks[-1].usage.prompt_tokens == gateway_prompt({"prompt": "Say something"}) == 2
     assert chunks[-1].usage.completion_tokens == 3
 
 
@@ -223,7 +230,8 @@ async def test_whole_chat_answer_has_message_and_usage(openai_client: AsyncOpenA
     assert message.content == "The quick brown fox"
     assert message.model_extra == {"reasoning_content": "Let"}
     assert answer.usage is not None
-    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (4, 10)
+    prompt = gateway_prompt({"messages": [{"role": "user", "content": "hi"}]})
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt, 10)
 
 
 async def test_whole_text_completion(openai_client: AsyncOpenAI) -> None:
@@ -267,3 +275,43 @@ async def test_models_lists_sim_models(openai_client: AsyncOpenAI) -> None:
 
     assert models
     assert all(m.startswith("sim-") for m in models)
+
+
+async def test_a_chat_tool_call_streams_its_arguments_in_pieces(openai_client: AsyncOpenAI) -> None:
+    stream = await openai_client.chat.completions.create(
+        model="sim-small",
+        messages=[{"role": "user", "content": "weather?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"sim": {"chunks": 2, "tool_call": TOOL}},
+    )
+    chunks = [c async for c in stream]
+
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
+    first, *pieces = [call[0] for call in calls if call]
+    assert first.function is not None
+    assert (first.id, first.type, first.function.name) == ("call_sim1", "function", "get_weather")
+    arguments = [p.function.arguments for p in pieces if p.function and p.function.arguments]
+    assert "".join(arguments) == TOOL["arguments"] and len(arguments) > 1
+    assert chunks[-2].choices[0].finish_reason == "tool_calls"
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens == 2 + sum(o200k(a) for a in arguments)
+
+
+async def test_a_whole_chat_answer_carries_the_tool_call(openai_client: AsyncOpenAI) -> None:
+    answer = await openai_client.chat.completions.create(
+        model="sim-small",
+        messages=[{"role": "user", "content": "weather?"}],
+        extra_body={"sim": {"chunks": 0, "tool_call": TOOL}},
+    )
+
+    message = answer.choices[0].message
+    assert message.content is None
+    assert message.tool_calls is not None
+    (call,) = message.tool_calls
+    assert call.type == "function"
+    assert (call.function.name, call.function.arguments) == (TOOL["name"], TOOL["arguments"])
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == o200k(TOOL["arguments"])
