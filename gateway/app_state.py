@@ -19,6 +19,7 @@ from .context import RequestContext
 from .limits import InflightGate, Limiter
 from .metrics import GatewayMetrics
 from .routing import Router
+from .spend import SpendBook
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
 
@@ -98,6 +99,7 @@ class Components:
     upstreams: dict[str, UpstreamClient]
     limiter: Limiter
     inflight: InflightGate
+    spend: SpendBook
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import yaml
@@ -68,12 +69,52 @@ class TeamLimits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True)
     concurrent_streams: int | None = None
 
 
+class Budgets(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Spend allowed per calendar day and month (in `limits.budget_timezone`); None: no cap."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+
+    def caps(self) -> dict[str, float]:
+        """The configured budgets by name (`tokens_per_day`...), unset ones left out."""
+        return {name: value for name in BUDGET_NAMES if (value := getattr(self, name)) is not None}
+
+
+#: the budget names, in the order they are checked and reported
+BUDGET_NAMES = ("tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month")
+
+
+class TeamKey(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A key with its own name (a bounded label), and limits and budgets on top of its team's."""
+
+    name: str
+    key: str | None = None
+    key_sha256: str | None = None
+    limits: TeamLimits = TeamLimits()
+    budgets: Budgets = Budgets()
+
+
 class Team(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str
-    keys: tuple[str, ...] = ()
+    keys: tuple[str | TeamKey, ...] = ()
     keys_sha256: tuple[str, ...] = ()
     limits: TeamLimits = TeamLimits()
     model_limits: dict[str, TeamLimits] = {}
+    budgets: Budgets = Budgets()
+
+
+class Price(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """USD per million tokens for the models it names (names or fnmatch patterns).
+
+    Reasoning tokens are output tokens; cached prompt tokens cost `cached_input` (by default
+    the `input` price)."""
+
+    models: tuple[str, ...]
+    input: float = 0.0
+    cached_input: float | None = None
+    output: float = 0.0
 
 
 class Limits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -85,6 +126,10 @@ class Limits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     write_stall_timeout_s: float = 60.0
     on_token_budget_exceeded: Literal["finish", "cut"] = "finish"
     default_max_tokens: int = 4096
+    #: calendar days and months of budgets: an IANA name (zoneinfo)
+    budget_timezone: str = "UTC"
+    #: the local backend's spend, when a budget is configured (SQLite; relative to the cwd)
+    state_file: str = "gateway-state.db"
 
 
 class Settings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -100,10 +145,19 @@ class Settings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     routes: tuple[Route, ...] = ()
     teams: tuple[Team, ...] = ()
     limits: Limits = Limits()
+    pricing: tuple[Price, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.teams)
+
+    @property
+    def budgets_enabled(self) -> bool:
+        """Whether any team or key has a budget: only then is spend kept (and stored)."""
+        return any(
+            team.budgets.caps() or any(key.budgets.caps() for key in named_keys(team))
+            for team in self.teams
+        )
 
 
 def default_settings() -> Settings:
@@ -169,6 +223,7 @@ def _check(settings: Settings, source: str) -> None:
     """Cross-field rules; each error names the key."""
     problems = [*_check_upstreams(settings), *_check_routes(settings), *_check_teams(settings)]
     problems += _check_numbers(settings)
+    problems += _check_budgets(settings)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -220,6 +275,50 @@ def _check_teams(settings: Settings) -> list[str]:
                 problems.append(f"{where}.keys_sha256[{j}]: not a SHA-256 hex digest")
         if any(not key for key in team.keys):
             problems.append(f"{where}.keys: a key is empty (unset environment variable?)")
+        problems += _check_named_keys(team, where)
+    return problems
+
+
+def _check_named_keys(team: Team, where: str) -> list[str]:
+    problems = []
+    names: set[str] = set()
+    for j, entry in enumerate(team.keys):
+        if not isinstance(entry, TeamKey):
+            continue
+        at = f"{where}.keys[{j}]"
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", entry.name) or entry.name in names:
+            problems.append(
+                f"{at}.name: {entry.name!r} is not a short [A-Za-z0-9._-] name, or twice"
+            )
+        names.add(entry.name)
+        if (entry.key is None) == (entry.key_sha256 is None):
+            problems.append(f"{at}: set exactly one of key or key_sha256")
+        elif entry.key == "":
+            problems.append(f"{at}.key: empty (unset environment variable?)")
+        elif entry.key_sha256 is not None and not re.fullmatch(
+            r"[0-9a-fA-F]{64}", entry.key_sha256
+        ):
+            problems.append(f"{at}.key_sha256: not a SHA-256 hex digest")
+    return problems
+
+
+def _check_budgets(settings: Settings) -> list[str]:
+    problems = []
+    try:
+        ZoneInfo(settings.limits.budget_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append("$.limits.budget_timezone: not an IANA time zone name")
+    for i, team in enumerate(settings.teams):
+        budgets = [(f"$.teams[{i}].budgets", team.budgets)]
+        budgets += [(f"$.teams[{i}].keys.{k.name}.budgets", k.budgets) for k in named_keys(team)]
+        for where, entry in budgets:
+            problems += [
+                f"{where}.{n}: must be positive" for n, v in entry.caps().items() if v <= 0
+            ]
+    for i, price in enumerate(settings.pricing):
+        rates = (price.input, price.output, price.cached_input or 0.0)
+        if not price.models or any(rate < 0 for rate in rates):
+            problems.append(f"$.pricing[{i}]: needs models and prices of at least 0")
     return problems
 
 
@@ -240,5 +339,30 @@ def _check_numbers(settings: Settings) -> list[str]:
 
 def team_key_digests(team: Team) -> list[str]:
     """Every key of a team as a lower-case SHA-256 hex digest (plaintext keys are hashed)."""
-    hashed = [hashlib.sha256(key.encode()).hexdigest() for key in team.keys if key]
-    return hashed + [d.lower() for d in team.keys_sha256]
+    return [digest for digest, _ in team_key_entries(team)]
+
+
+def team_key_entries(team: Team) -> list[tuple[str, TeamKey | None]]:
+    """Every key of a team as (lower-case SHA-256 hex digest, its named entry or None)."""
+    entries: list[tuple[str, TeamKey | None]] = []
+    for entry in team.keys:
+        if isinstance(entry, str):
+            if entry:
+                entries.append((hashlib.sha256(entry.encode()).hexdigest(), None))
+        elif entry.key:
+            entries.append((hashlib.sha256(entry.key.encode()).hexdigest(), entry))
+        elif entry.key_sha256:
+            entries.append((entry.key_sha256.lower(), entry))
+    return entries + [(d.lower(), None) for d in team.keys_sha256]
+
+
+def named_keys(team: Team) -> list[TeamKey]:
+    """A team's keys that have a name (and maybe limits and budgets of their own)."""
+    return [entry for entry in team.keys if isinstance(entry, TeamKey)]
+
+
+def named_key(team: Team, name: str | None) -> TeamKey | None:
+    """A team's key by its name (None for None: a plain string key)."""
+    if name is None:
+        return None
+    return next((key for key in named_keys(team) if key.name == name), None)

@@ -25,6 +25,7 @@ class RequestContext:
     request_id: str
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() is in whole ms)
     team: str = "anonymous"
+    key: str | None = None  # the configured name of the key (None: a plain string key)
     model: str = "other"  # the bounded metric label, see routing.RouteMatch.label
     upstream: str = "none"
     stream: bool = False
@@ -34,6 +35,7 @@ class RequestContext:
     usage_source: Literal["upstream", "estimate"] = "estimate"
     ttft_ms: float | None = None
     chunks: int = 0
+    cost_usd: float | None = None  # at the `pricing` table (None: nothing was metered)
 
     # -- facts, reported by the modules that saw them ------------------------------------------
     #: the error the client was told about: a JSON answer, or the SSE event that ended a stream
@@ -72,4 +74,6 @@ class RequestContext:
             "finish_reason": self.finish_reason,
             "end": self.end,
             "error_code": self.error_code,
+            "key": self.key,
+            "cost_usd": self.cost_usd,
         }

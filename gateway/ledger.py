@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
-
 from .admission import Admitted
 from .context import RequestContext
 from .errors import GatewayError, UpstreamError
@@ -28,6 +26,7 @@ from .meter import JsonMeter, StreamMeter, Tally
 from .metrics import BatchedObserver, finish_reason_label
 from .relay import Observer, RelayPlan
 from .routing import RouteMatch
+from .spend import Bill
 from .sse import ends_frame
 
 if TYPE_CHECKING:
@@ -91,6 +90,7 @@ class Ledger:
         "_settled",
         "_stream_started",
         "admitted",
+        "bill",
         "comp",
         "ctx",
         "live",
@@ -107,6 +107,7 @@ class Ledger:
         self._stream_started: float | None = None
         self._gaps: BatchedObserver | None = None
         self._settled = False
+        self.bill: Bill | None = None
 
     # -- the answer ---------------------------------------------------------------------------
 
@@ -140,11 +141,19 @@ class Ledger:
             plan.on_chunk_gap = self._gaps.observe
         if not self.match.route.accounting:
             return plan
-        tokens = comp.metrics.tokens
+        tokens = comp.metrics.settled_tokens
         self.live = LiveCount(
             tokens.labels(ctx.team, ctx.model, "completion"),
             tokens.labels(ctx.team, ctx.model, "reasoning"),
             self.admitted.admissions,
+        )
+        admitted = self.admitted
+        self.bill = comp.spend.open(
+            self.live,
+            admitted.prompt_estimate,
+            admitted.rates,
+            admitted.subjects,
+            (ctx.team, ctx.model),
         )
         tokenizer = comp.tokenizers[self.match.route.tokenizer]
         if not sse:
@@ -156,7 +165,7 @@ class Ledger:
         else:
             plan.observer = comp.metrics.batch.defer(meter.feed)
         cut = comp.settings.limits.on_token_budget_exceeded == "cut"
-        if cut and self.admitted.admissions:
+        if cut and (self.admitted.admissions or any(s.caps for s in self.admitted.subjects)):
             plan.over_budget = self._cut_check(plan)
         if tail in COMPLETION_ENDPOINTS:
             plan.end_check = self.cut_short
@@ -236,6 +245,12 @@ class Ledger:
         ctx = self.ctx
         used = ctx.prompt_tokens + ctx.completion_tokens
         await self.admitted.settle(used if tally is not None else self.admitted.prompt_estimate)
+        if self.bill is not None:
+            cached = tally.cached_prompt_tokens if tally is not None else 0
+            cost = await self.comp.spend.settle(
+                self.bill, ctx.prompt_tokens, cached, ctx.completion_tokens
+            )
+            ctx.cost_usd = round(cost, 12)
 
     def _record(self, tally: Tally) -> None:
         ctx, metrics = self.ctx, self.comp.metrics
@@ -245,18 +260,19 @@ class Ledger:
         ctx.usage_source = tally.usage_source
         ctx.chunks = tally.chunks
         ctx.metered_finish = tally.finish_reason
-        tokens = metrics.tokens
-        tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
+        metrics.tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
         live_completion = self.live.completion if self.live else 0
         live_reasoning = self.live.reasoning if self.live else 0
-        _inc_by_missing(
-            tokens.labels(ctx.team, ctx.model, "completion"),
-            tally.completion_tokens,
-            live_completion,
+        tokens = metrics.settled_tokens  # an overcount is paid off later (gateway.debt)
+        tokens.labels(ctx.team, ctx.model, "completion").settle(
+            tally.completion_tokens, live_completion
         )
-        _inc_by_missing(
-            tokens.labels(ctx.team, ctx.model, "reasoning"), tally.reasoning_tokens, live_reasoning
+        tokens.labels(ctx.team, ctx.model, "reasoning").settle(
+            tally.reasoning_tokens, live_reasoning
         )
+        if self.admitted.rates is None:
+            unpriced = tally.prompt_tokens + tally.completion_tokens
+            metrics.unpriced_tokens.labels(ctx.model).inc(unpriced)
         for reason in tally.finish_reasons or (None,):
             metrics.finish_reasons.labels(ctx.model, finish_reason_label(reason)).inc()
         if tally.usage_source == "upstream":
@@ -274,9 +290,3 @@ class Ledger:
         metrics.active_streams.labels(ctx.team, ctx.model).dec()
         duration = time.perf_counter() - ctx.started
         metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
-
-
-def _inc_by_missing(counter: Counter, final: int, counted: int) -> None:
-    """Counters only grow: add what the live count missed (an overcount stays, as drift)."""
-    if final > counted:
-        counter.inc(final - counted)

@@ -64,6 +64,7 @@ class Tally:
     saw_done: bool
     decode_errors: int  # events whose data was not JSON (relayed anyway)
     upstream_error: Mapping[str, Any] | None  # the `error` object of an error event
+    cached_prompt_tokens: int = 0  # of prompt_tokens, the upstream's `cached_tokens`
 
 
 class _ThinkText:
@@ -292,12 +293,16 @@ class _Ledger:
         """The final numbers: the upstream's `usage` where it sent one, else ours."""
         usage = self.usage
         prompt, completion, reasoning = prompt_estimate, self.completion, self.reasoning
+        cached = 0
         if usage is not None:
             prompt = _int_or(usage.get("prompt_tokens"), prompt)
             completion = _int_or(usage.get("completion_tokens"), completion)
             details = usage.get("completion_tokens_details")
             if type(details) is dict:
                 reasoning = _int_or(details.get("reasoning_tokens"), reasoning)
+            prompt_details = usage.get("prompt_tokens_details")
+            if type(prompt_details) is dict:
+                cached = _int_or(prompt_details.get("cached_tokens"), 0)
         reasons = tuple(self.finish[i] for i in sorted(self.finish))
         first = self.finish.get(0, reasons[-1] if reasons else None)
         return Tally(
@@ -312,6 +317,7 @@ class _Ledger:
             saw_done=self.saw_done,
             decode_errors=self.decode_errors,
             upstream_error=self.upstream_error,
+            cached_prompt_tokens=cached,
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from .debt import DebtCounters
 from .meter_batch import FlushOnCollect, MeterBatch
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -159,6 +160,28 @@ class GatewayMetrics:
             ["model"],
             registry=registry,
         )
+        self.cost_usd = _Counter(
+            "gateway_cost_usd",
+            "Cost of the tokens at the `pricing` table, counted while streams run (USD).",
+            ["team", "model"],
+            registry=registry,
+        )
+        self.budget_used_ratio = _Gauge(
+            "gateway_budget_used_ratio",
+            "Spend of the current period over the budget (key: a key name, or none).",
+            ["team", "key", "budget"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.unpriced_tokens = _Counter(
+            "gateway_unpriced_tokens",
+            "Tokens of models the `pricing` table does not price (they cost 0).",
+            ["model"],
+            registry=registry,
+        )
+        #: live counters that settle to the upstream's usage (see gateway.debt)
+        self.settled_tokens = DebtCounters(self.tokens)
+        self.settled_cost = DebtCounters(self.cost_usd)
 
     def flush_pending(self) -> None:
         """Meter the waiting stream pieces and add the batched gaps now."""

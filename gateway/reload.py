@@ -5,7 +5,10 @@
                                    upstreams (simulators started), a limiter if the `limits`
                                    backend changed, a gate if max_inflight/queue_timeout_s did;
                                    any failure here rejects the file as well
-      -> swap, with no await       settings, router, auth, tokenizers, upstreams, limiter, gate
+                                   a spend store if its backend or state file changed
+      -> swap, with no await       settings, router, auth, tokenizers, upstreams, limiter, gate,
+                                   prices and budgets (spend so far is kept: a budget raised
+                                   admits again at once, a key removed is refused at once)
       -> retire, later             clients of removed or changed upstreams and a replaced
                                    limiter close once the requests that started before the
                                    swap have ended
@@ -27,6 +30,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import structlog
@@ -37,7 +41,10 @@ from .app_state import COMPONENTS, Components
 from .auth import Authenticator
 from .config import ConfigError, Settings, load_settings
 from .limits import InflightGate, Limiter, create_limiter
+from .periods import Periods
 from .routing import Router
+from .spend import create_store, store_params
+from .spend_store import SpendStore
 from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient
 
@@ -54,6 +61,8 @@ class _Built:
     sims: list[web.AppRunner] = field(default_factory=list)
     limiter: Limiter | None = None
     gate: InflightGate | None = None
+    store: SpendStore | None = None
+    periods: Periods | None = None
 
     async def discard(self) -> None:
         """The file was rejected after all: close what was started for it."""
@@ -63,6 +72,8 @@ class _Built:
             await runner.cleanup()
         if self.limiter is not None:
             await self.limiter.aclose()
+        if self.store is not None:
+            await self.store.aclose()
 
 
 @dataclass(slots=True)
@@ -71,6 +82,7 @@ class _Retiring:
 
     clients: list[UpstreamClient]
     limiter: Limiter | None
+    store: SpendStore | None = None
 
 
 class Reloader:
@@ -141,7 +153,11 @@ class Reloader:
         old_limiter = comp.limiter if built.limiter is not None else None
         comp.limiter = built.limiter or comp.limiter
         comp.inflight = built.gate or comp.inflight
-        retiring = _Retiring(replaced, old_limiter)
+        old_store = comp.spend.store if built.store is not None else None
+        comp.spend.store = built.store or comp.spend.store
+        comp.spend.periods = built.periods or comp.spend.periods
+        comp.spend.configure(new)
+        retiring = _Retiring(replaced, old_limiter, old_store)
         task = asyncio.create_task(self._retire(comp, before, removed, retiring))
         self._retiring[task] = retiring
         task.add_done_callback(self._retiring.pop)
@@ -181,6 +197,9 @@ class Reloader:
         if retiring.limiter is not None:
             await retiring.limiter.aclose()
             retiring.limiter = None
+        if retiring.store is not None:
+            await retiring.store.aclose()
+            retiring.store = None
 
     async def _stop_sim(self, client: UpstreamClient) -> None:
         """The in-process simulator behind a retired client, if it was one."""
@@ -226,3 +245,8 @@ async def _build(comp: Components, built: _Built) -> None:
         built.limiter = create_limiter(*backend)
     if (limits.max_inflight, limits.queue_timeout_s) != (was.max_inflight, was.queue_timeout_s):
         built.gate = InflightGate(limits.max_inflight, limits.queue_timeout_s)
+    if store_params(new) != store_params(old):
+        built.store = create_store(new)
+        await built.store.start()
+    if limits.budget_timezone != was.budget_timezone:
+        built.periods = Periods(await asyncio.to_thread(ZoneInfo, limits.budget_timezone))
