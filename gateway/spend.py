@@ -251,6 +251,7 @@ class SpendBook:
 
     async def tick(self) -> None:
         """Charge the live growth as one batch; mark streams over a budget for the cut."""
+        await self.store.recover()
         await self._push(self._charge_growth())
 
     async def _push(self, touched: Iterable[Subject]) -> None:

@@ -84,6 +84,10 @@ class SpendStore(abc.ABC):
         """Push what `add` queued."""
 
     @abc.abstractmethod
+    async def recover(self) -> None:
+        """While degraded: try the backend again, pushing what waits (the tick calls it)."""
+
+    @abc.abstractmethod
     async def aclose(self) -> None:
         """Push what is left and let go of connections and files."""
 
@@ -109,6 +113,9 @@ class LocalStore(SpendStore):
 
     async def load(self, keys: Iterable[str]) -> None:
         """Memory is the truth here."""
+
+    async def recover(self) -> None:
+        """Never degraded: a failed write of the file is retried with the next one."""
 
     async def flush(self) -> None:
         for key, (tokens, usd, expires_at) in self._take().items():
@@ -236,9 +243,19 @@ class RedisStore(SpendStore):
             self._known[key] = [int(tokens or 0), float(usd or 0.0)]
 
     async def flush(self) -> None:
-        """One pipeline for the whole batch; when Redis was down, a probe first."""
-        if not self._pending and not self.degraded:
-            return
+        """One pipeline for the whole batch. While degraded, charges wait for `recover`: a
+        request's settle does not wait on a Redis that is down."""
+        if self._pending and not self.degraded:
+            await self._push_pending()
+
+    async def recover(self) -> None:
+        if self.degraded and await self._push_pending():
+            self.degraded = False
+            log.info("spend_backend_recovered")
+
+    async def _push_pending(self) -> bool:
+        """Push what waits (a PING if nothing does); False, with the charges kept, if Redis
+        did not answer."""
         async with self._lock:  # batches go in order: a settle never overtakes a tick
             taken = self._take()
             try:
@@ -246,10 +263,8 @@ class RedisStore(SpendStore):
             except _BACKEND_ERRORS as exc:
                 self._give_back(taken)
                 self._down(exc)
-                return
-        if self.degraded:
-            self.degraded = False
-            log.info("spend_backend_recovered")
+                return False
+        return True
 
     async def _push(self, taken: dict[str, list[float]]) -> None:
         if not taken:
@@ -271,5 +286,6 @@ class RedisStore(SpendStore):
         self.degraded = True
 
     async def aclose(self) -> None:
+        await self.recover()
         await self.flush()
         await self._redis.aclose()
