@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from redis.asyncio import Redis
 
 from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
 
@@ -81,3 +82,15 @@ async def gateway_process(
         yield gateway
     finally:
         await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
+async def redis_team_tokens(redis_url: str, period: str, team: str = TEAM) -> int:
+    """A team's spend in Redis over every key of `period` kind ("d" days, "m" months)."""
+    redis = Redis.from_url(redis_url, driver_info=None)  # no metadata read on the loop
+    try:
+        total = 0
+        async for key in redis.scan_iter(f"gw:spend:team:{team}|{period}*"):
+            total += int(await redis.hget(key, "tokens") or 0)
+        return total
+    finally:
+        await redis.aclose()

@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
 from tests.e2e_limits.helpers import bulk_session
 
-from .processes import TEAM, read_log, request_lines, sim_config, stop, stream, tokens
+from .processes import read_log, redis_team_tokens, request_lines, sim_config, stop, stream, tokens
 
 STREAMS, IN_FLIGHT, BUDGET = 600, 60, 6000
 
@@ -37,19 +36,6 @@ def three_gateways(redis_url: str, tmp_path: Path) -> Iterator[list[GatewayProce
             workdir.mkdir()
             gateways.append(stack.enter_context(running_gateway_process(config, workdir)))
         yield gateways
-
-
-async def redis_tokens(redis_url: str, period: str) -> int:
-    """The team's spend over every `period` key (d... or m...) in Redis."""
-    redis = Redis.from_url(redis_url, driver_info=None)  # no metadata read on the loop
-    try:
-        keys = [k async for k in redis.scan_iter(f"gw:spend:team:{TEAM}|{period}*")]
-        total = 0
-        for key in keys:
-            total += int(await redis.hget(key, "tokens") or 0)
-        return total
-    finally:
-        await redis.aclose()
 
 
 @pytest.mark.redis
@@ -80,5 +66,7 @@ async def test_three_processes_on_redis_spend_a_day_budget_exactly(
     assert statuses == {200: len(admitted), 429: len(refused)} and refused
     assert all(line["error_code"] == "insufficient_quota" for line in refused)
     assert BUDGET <= spent <= BUDGET + IN_FLIGHT * per_request
-    assert await redis_tokens(redis_url, "d") == spent  # exactly: not one token lost or doubled
-    assert await redis_tokens(redis_url, "m") == spent
+    assert (
+        await redis_team_tokens(redis_url, "d") == spent
+    )  # exactly: not one token lost or doubled
+    assert await redis_team_tokens(redis_url, "m") == spent

@@ -12,12 +12,13 @@ from typing import Literal
 
 import msgspec
 import pytest
-from redis.asyncio import Redis
 
 from gateway.config import Budgets, Limits, Settings, Team
 from tests.e2e_accounting.helpers import eventually, observed_gateway, request_lines, sim_settings
 from tests.e2e_limits.helpers import auth, bulk_session, chat, post
 from tests.support.redis_server import RedisServer, private_redis_server
+
+from .processes import redis_team_tokens
 
 __all__ = ["private_redis_server"]
 pytestmark = pytest.mark.redis
@@ -30,18 +31,6 @@ def settings(server: RedisServer, policy: Literal["fail_open", "fail_closed"]) -
     team = Team(name="search", keys=(KEY,), budgets=Budgets(tokens_per_day=10**9))
     limits = Limits(backend="redis", redis_url=server.url, on_backend_error=policy)
     return msgspec.structs.replace(sim_settings(teams=(team,)), limits=limits)
-
-
-async def team_tokens(url: str) -> int:
-    redis = Redis.from_url(url, driver_info=None)
-    try:
-        keys = [k async for k in redis.scan_iter("gw:spend:team:search|d*")]
-        total = 0
-        for key in keys:
-            total += int(await redis.hget(key, "tokens") or 0)
-        return total
-    finally:
-        await redis.aclose()
 
 
 async def test_fail_open_serves_while_redis_is_down_and_pushes_the_charges_when_it_returns(
@@ -59,7 +48,7 @@ async def test_fail_open_serves_while_redis_is_down_and_pushes_the_charges_when_
         lines = request_lines(o.logs)
         spent = sum(line["prompt_tokens"] + line["completion_tokens"] for line in lines)
         assert len(lines) == 5 and spent > 0
-        assert await team_tokens(private_redis_server.url) == spent
+        assert await redis_team_tokens(private_redis_server.url, "d", "search") == spent
 
 
 async def test_fail_closed_refuses_budgeted_requests_while_redis_is_down(
