@@ -108,7 +108,7 @@ class GatewayMetrics:
         )
         self.rate_limited = _Counter(
             "gateway_rate_limited",
-            "Requests refused by a limit (requests, tokens, concurrency, inflight).",
+            "Requests refused by a limit (requests, tokens, concurrency, inflight, budget).",
             ["team", "limit"],
             registry=registry,
         )
