@@ -214,9 +214,9 @@ class SpendBook:
         usd = 0.0 if bill.rates is None else bill.rates.cost(prompt, cached, completion)
         bill.cost.settle(usd, bill.charged_usd)
         self._charge(bill, prompt + completion - bill.charged_tokens, usd - bill.charged_usd)
-        if bill.subjects:
-            await self._push(bill.subjects)
-        return usd
+        if any(subject.caps for subject in bill.subjects):
+            await self._push(bill.subjects)  # the next admission decides on it: now
+        return usd  # (spend with no budget on it goes with the next tick's batch)
 
     def _charge(self, bill: Bill, tokens: int, usd: float) -> None:
         bill.charged_tokens += tokens
@@ -275,6 +275,7 @@ class SpendBook:
         """The caller's team's and key's spend and remaining budget per period, as JSON."""
         subjects = subjects_of(team, key)
         now = self.periods.now()
+        await self.store.flush()
         await self.store.load(k for s in subjects for k in _keys(s, now))
         return {
             "team": team.name,

@@ -117,15 +117,18 @@ class LocalStore(SpendStore):
     async def recover(self) -> None:
         """Never degraded: a failed write of the file is retried with the next one."""
 
+    def add(self, key: str, tokens: int, usd: float, expires_at: float) -> None:
+        """Memory is the truth: counted at once; the file gets it with the next write."""
+        known = self._known.setdefault(key, [0, 0.0])
+        known[0] += tokens
+        known[1] += usd
+        if self._db is not None:
+            unwritten = self._unwritten.setdefault(key, [0, 0.0, expires_at])
+            unwritten[0] += tokens
+            unwritten[1] += usd
+
     async def flush(self) -> None:
-        for key, (tokens, usd, expires_at) in self._take().items():
-            known = self._known.setdefault(key, [0, 0.0])
-            known[0] += tokens
-            known[1] += usd
-            if self._db is not None:
-                unwritten = self._unwritten.setdefault(key, [0, 0.0, expires_at])
-                unwritten[0] += tokens
-                unwritten[1] += usd
+        """Nothing waits: `add` counted it."""
 
     async def _write_every(self) -> None:
         while True:
@@ -158,7 +161,6 @@ class LocalStore(SpendStore):
         self._known = known
 
     async def aclose(self) -> None:
-        await self.flush()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
