@@ -31,13 +31,6 @@ from tests.e2e_accounting.helpers import (
 )
 from tests.support.clients import async_openai
 
-
-@pytest.fixture(autouse=True)
-def state_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default state file (gateway-state.db, under the working directory) in tmp_path."""
-    monkeypatch.chdir(tmp_path)
-
-
 SEARCH_KEY, CI_KEY, ADS_KEY, MAPS_KEY = "sk-search-1", "sk-search-ci", "sk-ads-1", "sk-maps-1"
 CI = TeamKey(name="ci-bot", key=CI_KEY, limits=TeamLimits(requests_per_minute=1))
 

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.config import Price, Settings
+from gateway.config import Budgets, Price, Settings, Team
 from gateway.tokens import estimate_prompt_tokens, load_tokenizer
 from tests.e2e_accounting.helpers import (
     DONE,
@@ -20,9 +20,11 @@ from tests.e2e_accounting.helpers import (
     chunk,
     client,
     event,
+    eventually,
     fake_settings,
     observed_gateway,
     one_request_line,
+    request_lines,
     sim_settings,
 )
 from tests.support.fake_upstream import Script, fake_upstream
@@ -120,3 +122,33 @@ async def test_an_unpriced_model_costs_nothing_and_its_tokens_are_counted_as_unp
             assert line["cost_usd"] == 0
             assert o.gw.metric("gateway_cost_usd_total", team="anonymous", model="test-*") == 0
             assert o.gw.metric("gateway_unpriced_tokens_total", model="test-*") == 57
+
+
+async def test_cost_and_spend_grow_while_a_stream_runs() -> None:
+    team = Team(name="search", keys=("sk-live",), budgets=Budgets(usd_per_month=100))
+    settings = msgspec.structs.replace(priced(sim_settings()), teams=(team,))
+    async with observed_gateway(settings) as o:
+        book = o.gw.components.spend
+        month = book.periods.now().month.id
+        labels = {"team": "search", "model": PATTERN}
+        sdk = await client(o.gw.base_url, key="sk-live")
+        answer = await sdk.chat.completions.create(
+            model="sim-slow",
+            messages=MESSAGES,
+            stream=True,
+            extra_body={"sim": {"chunks": 60, "delay_ms": 40}},
+        )
+        seen = []
+        async for part in answer:
+            if part.choices and part.choices[0].delta.content:
+                seen.append(part)
+            if len(seen) == 20:
+                await eventually(lambda: book.store.known(f"team:search|{month}")[0] > 20)
+                cost = o.gw.metric("gateway_cost_usd_total", **labels)
+                assert cost > 0 and not request_lines(o.logs)  # still streaming
+        await sdk.close()
+        line = await one_request_line(o.logs)
+        assert line["completion_tokens"] == 60
+        tokens, usd = book.store.known(f"team:search|{month}")
+        assert tokens == line["prompt_tokens"] + 60 and usd == pytest.approx(line["cost_usd"])
+        assert o.gw.metric("gateway_cost_usd_total", **labels) == pytest.approx(line["cost_usd"])
