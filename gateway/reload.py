@@ -44,7 +44,7 @@ from .limits import InflightGate, Limiter, create_limiter
 from .periods import Periods
 from .routing import Router
 from .spend import create_store, store_params
-from .spend_store import SpendStore
+from .spend_store import LocalStore, SpendStore
 from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient
 
@@ -245,8 +245,20 @@ async def _build(comp: Components, built: _Built) -> None:
         built.limiter = create_limiter(*backend)
     if (limits.max_inflight, limits.queue_timeout_s) != (was.max_inflight, was.queue_timeout_s):
         built.gate = InflightGate(limits.max_inflight, limits.queue_timeout_s)
-    if store_params(new) != store_params(old):
-        built.store = create_store(new)
-        await built.store.start()
+    await _build_store(comp, built)
     if limits.budget_timezone != was.budget_timezone:
         built.periods = Periods(await asyncio.to_thread(ZoneInfo, limits.budget_timezone))
+
+
+async def _build_store(comp: Components, built: _Built) -> None:
+    """A new spend store when the backend changed; the local one keeps its memory and, when
+    the first budget appears, starts keeping it in the state file."""
+    kind, where = store_params(built.settings)
+    store = comp.spend.store
+    if kind == "local" and isinstance(store, LocalStore):
+        if where is not None and not await store.attach(Path(str(where))):
+            log.warning("state_file_unchanged", reason="a new state_file needs a restart")
+        return
+    if store_params(built.settings) != store_params(comp.settings):
+        built.store = create_store(built.settings)
+        await built.store.start()

@@ -103,6 +103,8 @@ class LocalStore(SpendStore):
         self._writer: asyncio.Task[None] | None = None
         #: charges since the last write to the file
         self._unwritten: dict[str, list[float]] = {}
+        #: when each key's period ends (what a file attached later needs)
+        self._expires: dict[str, float] = {}
 
     async def start(self) -> None:
         if self._path is None:
@@ -110,6 +112,17 @@ class LocalStore(SpendStore):
         self._db = await asyncio.to_thread(_open, self._path)
         await self._write()
         self._writer = asyncio.create_task(self._write_every())
+
+    async def attach(self, path: Path) -> bool:
+        """Keep spend in `path` from now on, the spend so far included (a reload configured
+        the first budget). False if another file is already attached: that needs a restart."""
+        if self._path is not None:
+            return self._path == path
+        self._path = path
+        for key, (tokens, usd) in self._known.items():
+            self._unwritten[key] = [tokens, usd, self._expires[key]]
+        await self.start()
+        return True
 
     async def load(self, keys: Iterable[str]) -> None:
         """Memory is the truth here."""
@@ -119,6 +132,7 @@ class LocalStore(SpendStore):
 
     def add(self, key: str, tokens: int, usd: float, expires_at: float) -> None:
         """Memory is the truth: counted at once; the file gets it with the next write."""
+        self._expires[key] = expires_at
         known = self._known.setdefault(key, [0, 0.0])
         known[0] += tokens
         known[1] += usd

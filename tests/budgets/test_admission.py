@@ -20,6 +20,7 @@ import yaml
 from gateway.app_state import COMPONENTS
 from gateway.config import Budgets, Limits, Team, TeamKey, TeamLimits, load_settings
 from gateway.reload import Reloader
+from gateway.spend_store import read_state_file
 from tests.e2e_accounting.helpers import (
     MESSAGES,
     Observed,
@@ -200,3 +201,45 @@ async def test_a_stream_over_budget_is_cut_with_cut_and_charged_what_was_counted
         day = book.periods.now().day.id
         spent = line["prompt_tokens"] + line["completion_tokens"]
         assert book.store.known(f"team:search|{day}")[0] == spent
+
+
+async def test_a_keys_own_budget_refuses_that_key_alone() -> None:
+    ci = TeamKey(name="ci-bot", key=CI_KEY, budgets=Budgets(tokens_per_day=5))
+    async with observed_gateway(sim_settings(teams=teams(ci=ci))) as o:
+        await one_stream(o, CI_KEY)
+        with pytest.raises(openai.RateLimitError) as raised:
+            await one_stream(o, CI_KEY)
+        assert raised.value.code == "insufficient_quota"
+        assert "(team search, key ci-bot)" in raised.value.message
+        await one_stream(o, SEARCH_KEY)  # the team's budget is not the key's
+        ratio = o.gw.metric(
+            "gateway_budget_used_ratio", team="search", key="ci-bot", budget="tokens_per_day"
+        )
+        assert ratio > 1
+
+
+async def test_a_reload_that_sets_the_first_budget_keeps_the_spend_so_far_in_the_state_file(
+    tmp_path: Path,
+) -> None:
+    raw: dict[str, Any] = {
+        "upstreams": {"sim": {"simulator": {"chunks": 4, "delay_ms": 0, "ttft_ms": 0}}},
+        "routes": [{"models": ["sim-*"], "upstreams": ["sim"], "tokenizer": "chunks"}],
+        "teams": [{"name": "search", "keys": [SEARCH_KEY]}],
+        "limits": {"state_file": str(tmp_path / "state.db")},
+    }
+    path = tmp_path / "gateway.yaml"
+    await asyncio.to_thread(path.write_text, yaml.safe_dump(raw))
+    async with observed_gateway(await asyncio.to_thread(load_settings, path)) as o:
+        await one_stream(o, SEARCH_KEY)
+        await settled(o, 1)
+        (line,) = request_lines(o.logs)
+        spent = line["prompt_tokens"] + line["completion_tokens"]
+        assert not await asyncio.to_thread((tmp_path / "state.db").exists)  # no budget: no file
+        day = f"team:search|{o.gw.components.spend.periods.now().day.id}"
+        raw["teams"][0]["budgets"] = {"tokens_per_day": spent}
+        await asyncio.to_thread(path.write_text, yaml.safe_dump(raw))
+        assert await Reloader(o.gw.runner.app, path).reload()
+        with pytest.raises(openai.RateLimitError):
+            await one_stream(o, SEARCH_KEY)  # the spend before the budget counts
+    totals = await asyncio.to_thread(read_state_file, tmp_path / "state.db")
+    assert totals[day][0] == spent
