@@ -32,6 +32,8 @@ from tests.e2e_accounting.helpers import (
 )
 from tests.support.clients import async_openai
 
+from .processes import sim_config
+
 SEARCH_KEY, CI_KEY, ADS_KEY, MAPS_KEY = "sk-search-1", "sk-search-ci", "sk-ads-1", "sk-maps-1"
 CI = TeamKey(name="ci-bot", key=CI_KEY, limits=TeamLimits(requests_per_minute=1))
 
@@ -152,17 +154,8 @@ async def test_usage_shows_the_callers_own_team_and_key_and_never_another_team()
 async def test_a_reload_raises_a_budget_at_once_removes_a_key_at_once_and_keeps_spend(
     tmp_path: Path,
 ) -> None:
-    raw: dict[str, Any] = {
-        "upstreams": {"sim": {"simulator": {"chunks": 4, "delay_ms": 0, "ttft_ms": 0}}},
-        "routes": [{"models": ["sim-*"], "upstreams": ["sim"], "tokenizer": "chunks"}],
-        "teams": [
-            {
-                "name": "search",
-                "keys": [SEARCH_KEY, {"name": "ci-bot", "key": CI_KEY}],
-                "budgets": {"tokens_per_month": 5},
-            }
-        ],
-    }
+    raw = sim_config({}, {"tokens_per_month": 5})
+    raw["teams"][0]["keys"] = [SEARCH_KEY, {"name": "ci-bot", "key": CI_KEY}]
     path = tmp_path / "gateway.yaml"
     await asyncio.to_thread(path.write_text, yaml.safe_dump(raw))
     settings = await asyncio.to_thread(load_settings, path)
@@ -221,12 +214,8 @@ async def test_a_keys_own_budget_refuses_that_key_alone() -> None:
 async def test_a_reload_that_sets_the_first_budget_keeps_the_spend_so_far_in_the_state_file(
     tmp_path: Path,
 ) -> None:
-    raw: dict[str, Any] = {
-        "upstreams": {"sim": {"simulator": {"chunks": 4, "delay_ms": 0, "ttft_ms": 0}}},
-        "routes": [{"models": ["sim-*"], "upstreams": ["sim"], "tokenizer": "chunks"}],
-        "teams": [{"name": "search", "keys": [SEARCH_KEY]}],
-        "limits": {"state_file": str(tmp_path / "state.db")},
-    }
+    raw = sim_config({"state_file": str(tmp_path / "state.db")}, {})
+    raw["teams"][0]["keys"] = [SEARCH_KEY]
     path = tmp_path / "gateway.yaml"
     await asyncio.to_thread(path.write_text, yaml.safe_dump(raw))
     async with observed_gateway(await asyncio.to_thread(load_settings, path)) as o:
