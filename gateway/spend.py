@@ -221,25 +221,35 @@ class SpendBook:
     def _charge(self, bill: Bill, tokens: int, usd: float) -> None:
         bill.charged_tokens += tokens
         bill.charged_usd += usd
-        if not bill.subjects or (not tokens and not usd):
-            return
-        now = self.periods.now()
-        for subject in bill.subjects:
-            for kind in ("day", "month"):
-                period = now.of(kind)
-                self.store.add(f"{subject.id}|{period.id}", tokens, usd, period.ends_at)
+        if tokens or usd:
+            now = self.periods.now()
+            for subject in bill.subjects:
+                self._add(subject, tokens, usd, now)
+
+    def _add(self, subject: Subject, tokens: int, usd: float, now: Now) -> None:
+        """Queue a charge to the subject's day and month."""
+        for period in (now.day, now.month):
+            self.store.add(f"{subject.id}|{period.id}", tokens, usd, period.ends_at)
 
     def _charge_growth(self) -> list[Subject]:
-        """The live growth of every bill in flight since the last tick; the subjects charged."""
-        touched: dict[str, Subject] = {}
+        """The live growth of every bill in flight since the last tick, summed per subject
+        into one charge each; the subjects charged."""
+        sums: dict[str, tuple[Subject, int, float]] = {}
         for bill in self._bills:
             tokens, usd = bill.growth()
-            if tokens or usd:
-                if usd > 0:
-                    bill.cost.inc(usd)
-                self._charge(bill, tokens, usd)
-                touched.update((s.id, s) for s in bill.subjects)
-        return list(touched.values())
+            if not tokens and not usd:
+                continue
+            if usd > 0:
+                bill.cost.inc(usd)
+            bill.charged_tokens += tokens
+            bill.charged_usd += usd
+            for subject in bill.subjects:
+                _, summed_tokens, summed_usd = sums.get(subject.id, (subject, 0, 0.0))
+                sums[subject.id] = (subject, summed_tokens + tokens, summed_usd + usd)
+        now = self.periods.now()
+        for subject, tokens, usd in sums.values():
+            self._add(subject, tokens, usd, now)
+        return [subject for subject, _, _ in sums.values()]
 
     async def _tick_every(self) -> None:
         while True:
