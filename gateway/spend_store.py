@@ -26,11 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from .limits.redis_backend import _BACKEND_ERRORS
+from .limits.redis_backend import _BACKEND_ERRORS, bounded_client
 
 log = structlog.get_logger("gateway.spend")
 
@@ -227,16 +224,16 @@ class RedisStore(SpendStore):
     """Spend in one Redis shared by every replica: a hash per key, `tokens` and `usd`."""
 
     def __init__(
-        self, redis_url: str, *, op_timeout_s: float = 0.5, key_prefix: str = "gw:spend:"
+        self,
+        redis_url: str,
+        *,
+        op_timeout_s: float = 0.5,
+        max_connections: int = 32,
+        pool_timeout_s: float = 5.0,
+        key_prefix: str = "gw:spend:",
     ) -> None:
         super().__init__()
-        self._redis: Redis = Redis.from_url(
-            redis_url,
-            socket_timeout=op_timeout_s,
-            socket_connect_timeout=op_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            driver_info=None,
-        )
+        self._redis = bounded_client(redis_url, op_timeout_s, max_connections, pool_timeout_s)
         self._prefix = key_prefix
         self._lock = asyncio.Lock()
 
