@@ -30,8 +30,8 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from .config import BUDGET_NAMES, Budgets, Settings, Team, TeamKey
-from .errors import GatewayError, ServiceUnavailable
+from .config import Settings, Team, TeamKey
+from .errors import QuotaExceeded, ServiceUnavailable
 from .periods import Now, Periods
 from .pricing import Pricing, Rates
 from .spend_store import LocalStore, RedisStore, SpendStore
@@ -53,12 +53,6 @@ _BUDGET_AXES = {
 }
 
 
-class QuotaExceeded(GatewayError):
-    """429 insufficient_quota: a budget of this period is spent (OpenAI's own type and code)."""
-
-    status, type, code = 429, "insufficient_quota", "insufficient_quota"
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class Subject:
     """Whom spend is charged to: a team, or one of its named keys."""
@@ -71,15 +65,11 @@ class Subject:
     @classmethod
     def of(cls, team: Team, key: TeamKey | None) -> Subject:
         if key is None:
-            return cls(f"team:{team.name}", team.name, "none", _caps(team.budgets))
-        return cls(f"team:{team.name}:key:{key.name}", team.name, key.name, _caps(key.budgets))
+            return cls(f"team:{team.name}", team.name, "none", team.budgets.caps())
+        return cls(f"team:{team.name}:key:{key.name}", team.name, key.name, key.budgets.caps())
 
     def store_key(self, now: Now, kind: str) -> str:
         return f"{self.id}|{now.of(kind).id}"
-
-
-def _caps(budgets: Budgets) -> dict[str, float]:
-    return budgets.caps()
 
 
 def subjects_of(team: Team, key: TeamKey | None) -> tuple[Subject, ...]:
@@ -364,12 +354,4 @@ def _refusal(
     )
 
 
-__all__ = [
-    "BUDGET_NAMES",
-    "Bill",
-    "Budgets",
-    "QuotaExceeded",
-    "SpendBook",
-    "Subject",
-    "subjects_of",
-]
+__all__ = ["Bill", "QuotaExceeded", "SpendBook", "Subject", "subjects_of"]
