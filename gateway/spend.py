@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from .config import Settings, Team, TeamKey
+from .config import Settings, Team, TeamKey, named_keys
 from .errors import QuotaExceeded, ServiceUnavailable
 from .periods import Now, Periods
 from .pricing import Pricing, Rates
@@ -44,6 +45,8 @@ log = structlog.get_logger("gateway.spend")
 
 #: how often the live growth of the streams in flight is charged
 TICK_S = 0.25
+#: every this many ticks (a second), the budget gauges are read afresh
+REFRESH_TICKS = 4
 #: budget name -> (period kind, 0 for tokens or 1 for USD)
 _BUDGET_AXES = {
     "tokens_per_day": ("day", 0),
@@ -127,6 +130,13 @@ class SpendBook:
         self.pricing = Pricing(settings)
         self.fail_open = settings.limits.on_backend_error == "fail_open"
         self.cut = settings.limits.on_token_budget_exceeded == "cut"
+        #: every team and named key with a budget: their gauges follow the periods
+        self.capped = [
+            subject
+            for team in settings.teams
+            for key in (None, *named_keys(team))
+            if (subject := Subject.of(team, key)).caps
+        ]
 
     @property
     def degraded(self) -> bool:
@@ -242,17 +252,26 @@ class SpendBook:
         return [subject for subject, _, _ in sums.values()]
 
     async def _tick_every(self) -> None:
-        while True:
+        for n in itertools.count(1):
             await asyncio.sleep(TICK_S)
             try:
-                await self.tick()
+                await self.tick(refresh=n % REFRESH_TICKS == 0)
             except Exception:
                 log.exception("spend_tick_failed")
 
-    async def tick(self) -> None:
-        """Charge the live growth as one batch; mark streams over a budget for the cut."""
+    async def tick(self, refresh: bool = True) -> None:
+        """Charge the live growth as one batch; mark streams over a budget for the cut.
+
+        With `refresh`, read every budgeted subject's spend (one Redis call; other replicas
+        charge too) and set every `gateway_budget_used_ratio`, so a gauge drops to 0 when a
+        period ends even if nothing is charged in the new one."""
         await self.store.recover()
         await self._push(self._charge_growth())
+        if refresh and self.capped:
+            now = self.periods.now()
+            await self.store.load(k for s in self.capped for k in _keys(s, now))
+            for subject in self.capped:
+                self._update_ratios(subject, now)
 
     async def _push(self, touched: Iterable[Subject]) -> None:
         await self.store.flush()

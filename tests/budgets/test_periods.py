@@ -102,3 +102,16 @@ async def test_a_spent_month_budget_admits_again_exactly_on_the_first(
     assert "tokens_per_month" in refused.value.message
     clock.set(first_next)
     await book.check(subjects)
+
+
+async def test_the_budget_gauge_drops_to_zero_at_midnight_with_no_request_in_the_new_day() -> None:
+    team = budget_team(tokens_per_day=100)
+    clock = Clock(at("Europe/Berlin", 2026, 10, 25, 23, 0).timestamp())
+    book = book_on(settings_with(team, zone="Europe/Berlin"), clock)
+    await spend(book, team, 80)
+    labels = {"team": "search", "key": "none", "budget": "tokens_per_day"}
+    registry = book.metrics.registry
+    assert registry.get_sample_value("gateway_budget_used_ratio", labels) == 0.8
+    clock.set(at("Europe/Berlin", 2026, 10, 26))
+    await book.tick()
+    assert registry.get_sample_value("gateway_budget_used_ratio", labels) == 0
