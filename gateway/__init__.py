@@ -14,6 +14,7 @@ The data path, module by module, in the order a request crosses it:
       relay           each upstream piece to the client as it arrives (awaited loop)
         relay_tap       the fast path: pieces written inside the upstream's read callback
       ledger          the relay's plan; live counts into metrics and limits; settlement
+        pricing, spend  what it costs; budgets per team and key (spend_store, periods, debt)
 
 A chunk goes: upstream socket -> upstream_http -> relay / relay_tap -> client socket, and a
 copy goes relay_tap -> meter_batch -> meter (sse decoder, tokens) -> ledger (metrics, limits).

@@ -2,8 +2,10 @@
 
     the process-wide gate (max_inflight: a bounded wait, then 503 gateway_overloaded)
       -> the prompt estimate (in a thread past ESTIMATE_IN_THREAD_BYTES)
-      -> the team's limits, then the team's limits for this model: all or nothing
-         (429 rate_limit_exceeded; 503 limits_unavailable when the shared backend is down)
+      -> the team's and the key's budgets of this day and month (429 insufficient_quota)
+      -> the team's limits, the team's limits for this model, the key's own limits: all or
+         nothing (429 rate_limit_exceeded; 503 limits_unavailable when the shared backend is
+         down)
 
 An `Admitted` request holds its limiter admissions: the ledger charges them as tokens are
 counted (`Admission.charge`, once per metered piece) and `settle` returns what the request did
@@ -17,7 +19,7 @@ import asyncio
 from typing import Any
 
 from .app_state import Components
-from .config import Team
+from .config import Team, TeamKey, named_key
 from .context import RequestContext
 from .errors import RateLimitExceeded, ServiceUnavailable
 from .limits import (
@@ -28,7 +30,9 @@ from .limits import (
     QueueTimeout,
     RateLimited,
 )
+from .pricing import Rates
 from .routing import RouteMatch
+from .spend import Subject, subjects_of
 from .tokens import Tokenizer, estimate_prompt_tokens
 
 #: above this many body bytes, the prompt estimate runs in a thread, off the event loop
@@ -38,13 +42,22 @@ ESTIMATE_IN_THREAD_BYTES = 64 * 1024
 class Admitted:
     """A request past its team's limits: its prompt estimate and its limiter admissions."""
 
-    __slots__ = ("admissions", "prompt_estimate")
+    __slots__ = ("admissions", "prompt_estimate", "rates", "subjects")
 
-    def __init__(self, prompt_estimate: int, admissions: list[Admission]) -> None:
+    def __init__(
+        self,
+        prompt_estimate: int,
+        admissions: list[Admission],
+        subjects: tuple[Subject, ...] = (),
+        rates: Rates | None = None,
+    ) -> None:
         self.prompt_estimate = prompt_estimate
         #: the team's, and the team's for this model if it has limits of its own: each is
         #: charged, so the cut policy sees whichever budget is crossed first
         self.admissions = admissions
+        #: whom the request's spend is charged to (its team, its named key), at what prices
+        self.subjects = subjects
+        self.rates = rates
 
     @property
     def limit_headers(self) -> dict[str, str]:
@@ -92,10 +105,16 @@ async def admit(
 ) -> Admitted:
     """Estimate the prompt and, for a team, reserve it and the answer against its limits."""
     estimate = await _estimate(doc, body, comp.tokenizers[match.route.tokenizer])
+    model = doc.get("model") if doc is not None else None
+    rates = comp.spend.rates_for(model if isinstance(model, str) else None)
     if team is None:
-        return Admitted(estimate, [])
+        return Admitted(estimate, [], rates=rates)
+    key = named_key(team, ctx.key)
+    subjects = subjects_of(team, key)
+    await comp.spend.check(subjects)
     reserve = estimate + _max_tokens(doc, comp.settings.limits.default_max_tokens)
-    return Admitted(estimate, await _admit_team(comp, ctx, team, match, reserve, estimate))
+    admissions = await _admit_team(comp, ctx, team, key, match, reserve, estimate)
+    return Admitted(estimate, admissions, subjects, rates)
 
 
 async def _estimate(doc: dict[str, Any] | None, body: bytes, tokenizer: Tokenizer) -> int:
@@ -120,18 +139,22 @@ async def _admit_team(
     comp: Components,
     ctx: RequestContext,
     team: Team,
+    key: TeamKey | None,
     match: RouteMatch,
     reserve: int,
     prompt_tokens: int,
 ) -> list[Admission]:
-    """The team's limits, then the team's limits for this model, if any; all or nothing."""
+    """The team's limits, then the team's limits for this model, then the key's own, if any;
+    all or nothing."""
     specs = [(f"team:{team.name}", team.limits)]
     model_limits = team.model_limits.get(match.label)
     if model_limits is not None:
         specs.append((f"team:{team.name}:model:{match.label}", model_limits))
+    if key is not None:
+        specs.append((f"team:{team.name}:key:{key.name}", key.limits))
     admissions: list[Admission] = []
     try:
-        for key, limits in specs:
+        for bucket, limits in specs:
             spec = LimitSpec(
                 requests_per_minute=limits.requests_per_minute,
                 tokens_per_minute=limits.tokens_per_minute,
@@ -139,7 +162,7 @@ async def _admit_team(
             )
             admissions.append(
                 await comp.limiter.admit(
-                    key, spec, reserve, ctx.stream, prompt_tokens=prompt_tokens
+                    bucket, spec, reserve, ctx.stream, prompt_tokens=prompt_tokens
                 )
             )
     except RateLimited as limited:

@@ -9,8 +9,9 @@ A request's route through the middlewares, in the order they run:
                         it, for every path but PUBLIC_PATHS (the explicit allow-list):
                         a. refuse_while_draining: after SIGTERM, 503 for new requests
                            (readiness is already false)
-                        b. authenticate: /v1/* needs a gateway key unless auth is off
-    3. handler          /v1/models, or proxy.handle for every other /v1/* path
+                        b. authenticate: /v1/* and /gateway/usage need a gateway key
+                           unless auth is off
+    3. handler          /v1/models, /gateway/usage, or proxy.handle for every other /v1/*
 
 Two middlewares, not four: each one costs every request a coroutine frame for the life of
 its stream (about 500 bytes on a stream held open for minutes) and a call.
@@ -36,7 +37,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from .app_state import COMPONENTS, CTX, TEAM, Components
 from .auth import Authenticator
 from .balancer import Balancer
-from .config import Settings, Upstream
+from .config import Settings, Upstream, named_key
 from .context import RequestContext
 from .errors import (
     BadRequest,
@@ -53,6 +54,7 @@ from .model_catalog import ModelCatalog
 from .outcome import conclude
 from .proxy import handle
 from .routing import Router
+from .spend import create_spend_book
 from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient, create_client
 
@@ -88,6 +90,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(exposition or registry))
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/gateway/usage", usage)
     app.router.add_route("*", "/v1/{tail:.*}", handle)
     app.on_response_prepare.append(_add_request_id)
     app.on_response_prepare.append(_name_the_server)
@@ -107,6 +110,7 @@ def _lifespan(
         limits = settings.limits
         limiter = create_limiter(limits.backend, limits.redis_url, limits.on_backend_error)
         metrics = GatewayMetrics(registry)
+        spend = await create_spend_book(settings, metrics)
         app[COMPONENTS] = Components(
             settings=settings,
             metrics=metrics,
@@ -117,6 +121,7 @@ def _lifespan(
             limiter=limiter,
             inflight=InflightGate(limits.max_inflight, limits.queue_timeout_s),
             balancer=Balancer(settings, metrics),
+            spend=spend,
         )
         watcher = asyncio.create_task(_watch_limiter(app[COMPONENTS]))
         if not settings.auth_enabled:
@@ -126,6 +131,7 @@ def _lifespan(
         finally:
             watcher.cancel()
             await app[COMPONENTS].limiter.aclose()  # a reload may have replaced it
+            await app[COMPONENTS].spend.aclose()  # after the drain: every request settled
             for client in upstreams.values():
                 await client.aclose()
             for runner in sims:
@@ -169,7 +175,8 @@ async def start_upstream(
 async def _watch_limiter(comp: Components) -> None:
     """Mirror the limiter's degraded state into its gauge."""
     while True:
-        comp.metrics.limits_degraded.set(1 if comp.limiter.degraded else 0)
+        degraded = comp.limiter.degraded or comp.spend.degraded
+        comp.metrics.limits_degraded.set(1 if degraded else 0)
         await asyncio.sleep(1)
 
 
@@ -279,10 +286,12 @@ def refuse_while_draining(request: web.Request) -> None:
 
 def authenticate(request: web.Request, ctx: RequestContext) -> None:
     """Name the request's team from its key (Unauthorized, a 401, for a bad one)."""
-    team = request.app[COMPONENTS].auth.team_for(request.headers.get("Authorization"))
-    if team is not None:
+    found = request.app[COMPONENTS].auth.identify(request.headers.get("Authorization"))
+    if found is not None:
+        team, key = found
         request[TEAM] = team
         ctx.team = team.name
+        ctx.key = None if key is None else key.name
 
 
 # -- handlers that are not the proxy ----------------------------------------------------------
@@ -304,6 +313,16 @@ async def list_models(request: web.Request) -> web.Response:
     models = await request.app[MODEL_CATALOG].listed(components.router, components.upstreams)
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "gateway"} for m in models]
     return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own team's and key's spend and remaining budgets (never another team's)."""
+    team = request.get(TEAM)
+    if team is None:
+        raise BadRequest("Usage is kept per team: this gateway has no teams configured.")
+    comp = request.app[COMPONENTS]
+    key = named_key(team, request[CTX].key)
+    return web.json_response(await comp.spend.usage(team, key), dumps=_dumps)
 
 
 def _dumps(obj: object) -> str:

@@ -21,6 +21,7 @@ from .limits import InflightGate, Limiter
 from .metrics import GatewayMetrics
 from .response_routes import ResponseRoutes
 from .routing import Router
+from .spend import SpendBook
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
 
@@ -111,6 +112,8 @@ class Components:
     inflight: InflightGate
     #: which upstream serves each request; its state (in-flight, health) outlives reloads
     balancer: Balancer
+    #: spend per team and key and period, charged in batches, stored (gateway.spend)
+    spend: SpendBook
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     #: which upstream created each Responses API response the gateway relayed

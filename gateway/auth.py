@@ -11,29 +11,38 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from .config import Settings, Team, team_key_digests
+from .config import Settings, Team, TeamKey, team_key_entries
 from .errors import Unauthorized
+
+#: who presented a key: its team, and the key's named entry (None for a plain string key)
+Identity = tuple[Team, TeamKey | None]
 
 
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth_enabled
-        self._digests: list[tuple[bytes, Team]] = [
-            (bytes.fromhex(digest), team)
+        self._digests: list[tuple[bytes, Identity]] = [
+            (bytes.fromhex(digest), (team, entry))
             for team in settings.teams
-            for digest in team_key_digests(team)
+            for digest, entry in team_key_entries(team)
         ]
 
     def team_for(self, authorization: str | None) -> Team | None:
         """The team a request belongs to; None when auth is off. Raises Unauthorized."""
+        found = self.identify(authorization)
+        return None if found is None else found[0]
+
+    def identify(self, authorization: str | None) -> Identity | None:
+        """The team and named key a request belongs to; None when auth is off. Raises
+        Unauthorized."""
         if not self.enabled:
             return None
         key = _bearer(authorization)
         presented = hashlib.sha256(key.encode()).digest()
-        found: Team | None = None
-        for digest, team in self._digests:
+        found: Identity | None = None
+        for digest, identity in self._digests:
             if hmac.compare_digest(digest, presented):
-                found = team
+                found = identity
         if found is None:
             raise Unauthorized("Incorrect API key provided.")
         return found

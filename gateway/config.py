@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import yaml
@@ -119,12 +120,52 @@ class TeamLimits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True)
     concurrent_streams: AtLeastOne | None = None
 
 
+class Budgets(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Spend allowed per calendar day and month (in `limits.budget_timezone`); None: no cap."""
+
+    tokens_per_day: AtLeastOne | None = None
+    tokens_per_month: AtLeastOne | None = None
+    usd_per_day: PositiveFloat | None = None
+    usd_per_month: PositiveFloat | None = None
+
+    def caps(self) -> dict[str, float]:
+        """The configured budgets by name (`tokens_per_day`...), unset ones left out."""
+        return {name: value for name in BUDGET_NAMES if (value := getattr(self, name)) is not None}
+
+
+#: the budget names, in the order they are checked and reported
+BUDGET_NAMES = ("tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month")
+
+
+class TeamKey(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A key with its own name (a bounded label), and limits and budgets on top of its team's."""
+
+    name: str
+    key: str | None = None
+    key_sha256: str | None = None
+    limits: TeamLimits = TeamLimits()
+    budgets: Budgets = Budgets()
+
+
 class Team(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str
-    keys: tuple[str, ...] = ()
+    keys: tuple[str | TeamKey, ...] = ()
     keys_sha256: tuple[str, ...] = ()
     limits: TeamLimits = TeamLimits()
     model_limits: dict[str, TeamLimits] = {}
+    budgets: Budgets = Budgets()
+
+
+class Price(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """USD per million tokens for the models it names (names or fnmatch patterns).
+
+    Reasoning tokens are output tokens; cached prompt tokens cost `cached_input` (by default
+    the `input` price)."""
+
+    models: tuple[str, ...]
+    input: NonNegativeFloat = 0.0
+    cached_input: NonNegativeFloat | None = None
+    output: NonNegativeFloat = 0.0
 
 
 class Limits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -136,6 +177,10 @@ class Limits(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     write_stall_timeout_s: PositiveFloat = 60.0
     on_token_budget_exceeded: Literal["finish", "cut"] = "finish"
     default_max_tokens: AtLeastOne = 4096
+    #: calendar days and months of budgets: an IANA name (zoneinfo)
+    budget_timezone: str = "UTC"
+    #: the local backend's spend, when a budget is configured (SQLite; relative to the cwd)
+    state_file: str = "gateway-state.db"
 
 
 class Settings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -151,10 +196,19 @@ class Settings(_Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     routes: tuple[Route, ...] = ()
     teams: tuple[Team, ...] = ()
     limits: Limits = Limits()
+    pricing: tuple[Price, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
         return bool(self.teams)
+
+    @property
+    def budgets_enabled(self) -> bool:
+        """Whether any team or key has a budget: only then is spend kept (and stored)."""
+        return any(
+            team.budgets.caps() or any(key.budgets.caps() for key in named_keys(team))
+            for team in self.teams
+        )
 
 
 def default_settings() -> Settings:
@@ -244,6 +298,7 @@ def _expand_string(value: str, environ: Mapping[str, str], source: str, where: s
 def _check(settings: Settings, source: str) -> None:
     """Cross-field rules; each error names the key."""
     problems = [*_check_upstreams(settings), *_check_routes(settings), *_check_teams(settings)]
+    problems += _check_budgets(settings)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -306,10 +361,71 @@ def _check_teams(settings: Settings) -> list[str]:
                 problems.append(f"{where}.keys_sha256[{j}]: not a SHA-256 hex digest")
         if any(not key for key in team.keys):
             problems.append(f"{where}.keys: a key is empty (unset environment variable?)")
+        problems += _check_named_keys(team, where)
+    return problems
+
+
+def _check_named_keys(team: Team, where: str) -> list[str]:
+    problems = []
+    names: set[str] = set()
+    for j, entry in enumerate(team.keys):
+        if not isinstance(entry, TeamKey):
+            continue
+        at = f"{where}.keys[{j}]"
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", entry.name) or entry.name in names:
+            problems.append(
+                f"{at}.name: {entry.name!r} is not a short [A-Za-z0-9._-] name, or twice"
+            )
+        names.add(entry.name)
+        if (entry.key is None) == (entry.key_sha256 is None):
+            problems.append(f"{at}: set exactly one of key or key_sha256")
+        elif entry.key == "":
+            problems.append(f"{at}.key: empty (unset environment variable?)")
+        elif entry.key_sha256 is not None and not re.fullmatch(
+            r"[0-9a-fA-F]{64}", entry.key_sha256
+        ):
+            problems.append(f"{at}.key_sha256: not a SHA-256 hex digest")
+    return problems
+
+
+def _check_budgets(settings: Settings) -> list[str]:
+    problems = []
+    try:
+        ZoneInfo(settings.limits.budget_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append("$.limits.budget_timezone: not an IANA time zone name")
+    for i, price in enumerate(settings.pricing):
+        if not price.models:
+            problems.append(f"$.pricing[{i}].models: must name at least one model pattern")
     return problems
 
 
 def team_key_digests(team: Team) -> list[str]:
     """Every key of a team as a lower-case SHA-256 hex digest (plaintext keys are hashed)."""
-    hashed = [hashlib.sha256(key.encode()).hexdigest() for key in team.keys if key]
-    return hashed + [d.lower() for d in team.keys_sha256]
+    return [digest for digest, _ in team_key_entries(team)]
+
+
+def team_key_entries(team: Team) -> list[tuple[str, TeamKey | None]]:
+    """Every key of a team as (lower-case SHA-256 hex digest, its named entry or None)."""
+    entries: list[tuple[str, TeamKey | None]] = []
+    for entry in team.keys:
+        if isinstance(entry, str):
+            if entry:
+                entries.append((hashlib.sha256(entry.encode()).hexdigest(), None))
+        elif entry.key:
+            entries.append((hashlib.sha256(entry.key.encode()).hexdigest(), entry))
+        elif entry.key_sha256:
+            entries.append((entry.key_sha256.lower(), entry))
+    return entries + [(d.lower(), None) for d in team.keys_sha256]
+
+
+def named_keys(team: Team) -> list[TeamKey]:
+    """A team's keys that have a name (and maybe limits and budgets of their own)."""
+    return [entry for entry in team.keys if isinstance(entry, TeamKey)]
+
+
+def named_key(team: Team, name: str | None) -> TeamKey | None:
+    """A team's key by its name (None for None: a plain string key)."""
+    if name is None:
+        return None
+    return next((key for key in named_keys(team) if key.name == name), None)

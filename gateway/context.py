@@ -25,6 +25,7 @@ class RequestContext:
     request_id: str
     started: float  # time.perf_counter() at arrival (uvloop's loop.time() is in whole ms)
     team: str = "anonymous"
+    key: str | None = None  # the configured name of the key (None: a plain string key)
     model: str = "other"  # the bounded metric label, see routing.RouteMatch.label
     #: the model the client asked for, verbatim (the log line only: never a metric label)
     requested_model: str | None = None
@@ -40,6 +41,7 @@ class RequestContext:
     attempts: int = 0
     #: prompt tokens the upstream read from its cache (a subset of prompt_tokens), if it said
     cached_prompt_tokens: int | None = None
+    cost_usd: float | None = None  # at the `pricing` table (None: nothing was metered)
 
     # -- facts, reported by the modules that saw them ------------------------------------------
     #: the error the client was told about: a JSON answer, or the SSE event that ended a stream
@@ -81,4 +83,6 @@ class RequestContext:
             "end": self.end,
             "error_code": self.error_code,
             "attempts": self.attempts,
+            "key": self.key,
+            "cost_usd": self.cost_usd,
         }

@@ -6,6 +6,8 @@
     ├── ModelNotFound                 404 model_not_found
     ├── RequestTooLarge               413 request_too_large
     ├── RateLimitExceeded             429 rate_limit_exceeded (+ Retry-After, x-ratelimit-*)
+    ├── QuotaExceeded                 429 insufficient_quota: a budget of this period is spent
+                                      (+ Retry-After until it resets, x-should-retry: false)
     ├── UpstreamError                 502 upstream_error: unreachable, reset, bad answer
     ├── ServiceUnavailable            503 (pool or queue exhausted, draining, limits backend down)
     └── UpstreamTimeout               504 upstream_timeout
@@ -81,6 +83,10 @@ class RequestTooLarge(GatewayError):
 
 class RateLimitExceeded(GatewayError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
 
 
 class UpstreamError(GatewayError):

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import Counter
 
 from .admission import Admitted
 from .context import RequestContext
@@ -29,6 +28,7 @@ from .meter import MAX_EVENT_BYTES, JsonMeter, ResponsesMeter, StreamMeter, Tall
 from .metrics import BatchedObserver, finish_reason_label
 from .relay import Observer, RelayPlan
 from .routing import RouteMatch
+from .spend import Bill
 from .sse import ends_frame
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class Ledger:
         "_settled",
         "_stream_started",
         "admitted",
+        "bill",
         "comp",
         "ctx",
         "live",
@@ -121,6 +122,7 @@ class Ledger:
         self._stream_started: float | None = None
         self._gaps: BatchedObserver | None = None
         self._settled = False
+        self.bill: Bill | None = None
 
     # -- the answer ---------------------------------------------------------------------------
 
@@ -157,11 +159,19 @@ class Ledger:
             plan.error_event = self.error_event
         if not self.match.route.accounting or tail.startswith("responses/"):
             return plan  # (reading a stored response again is not a new answer to count)
-        tokens = comp.metrics.tokens
+        tokens = comp.metrics.settled_tokens
         self.live = LiveCount(
             tokens.labels(ctx.team, ctx.model, "completion"),
             tokens.labels(ctx.team, ctx.model, "reasoning"),
             self.admitted.admissions,
+        )
+        admitted = self.admitted
+        self.bill = comp.spend.open(
+            self.live,
+            admitted.prompt_estimate,
+            admitted.rates,
+            admitted.subjects,
+            (ctx.team, ctx.model),
         )
         tokenizer = comp.tokenizers[self.match.route.tokenizer]
         estimate = self.admitted.prompt_estimate
@@ -180,7 +190,7 @@ class Ledger:
                 plan.observer = comp.metrics.batch.defer(meter.feed)
         self.meter = meter
         cut = comp.settings.limits.on_token_budget_exceeded == "cut"
-        if cut and self.admitted.admissions:
+        if cut and (self.admitted.admissions or any(s.caps for s in self.admitted.subjects)):
             plan.over_budget = self._cut_check(plan)
         if tail in COMPLETION_ENDPOINTS or self.responses:
             plan.end_check = self.cut_short
@@ -278,6 +288,12 @@ class Ledger:
         ctx = self.ctx
         used = ctx.prompt_tokens + ctx.completion_tokens
         await self.admitted.settle(used if tally is not None else self.admitted.prompt_estimate)
+        if self.bill is not None:
+            cached = (tally.cached_prompt_tokens or 0) if tally is not None else 0
+            cost = await self.comp.spend.settle(
+                self.bill, ctx.prompt_tokens, cached, ctx.completion_tokens
+            )
+            ctx.cost_usd = round(cost, 12)
 
     def _record(self, tally: Tally) -> None:
         ctx, metrics = self.ctx, self.comp.metrics
@@ -287,18 +303,19 @@ class Ledger:
         ctx.usage_source = tally.usage_source
         ctx.chunks = tally.chunks
         ctx.metered_finish = tally.finish_reason
-        tokens = metrics.tokens
-        tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
+        metrics.tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
         live_completion = self.live.completion if self.live else 0
         live_reasoning = self.live.reasoning if self.live else 0
-        _inc_by_missing(
-            tokens.labels(ctx.team, ctx.model, "completion"),
-            tally.completion_tokens,
-            live_completion,
+        tokens = metrics.settled_tokens  # an overcount is paid off later (gateway.debt)
+        tokens.labels(ctx.team, ctx.model, "completion").settle(
+            tally.completion_tokens, live_completion
         )
-        _inc_by_missing(
-            tokens.labels(ctx.team, ctx.model, "reasoning"), tally.reasoning_tokens, live_reasoning
+        tokens.labels(ctx.team, ctx.model, "reasoning").settle(
+            tally.reasoning_tokens, live_reasoning
         )
+        if self.admitted.rates is None:
+            unpriced = tally.prompt_tokens + tally.completion_tokens
+            metrics.unpriced_tokens.labels(ctx.model).inc(unpriced)
         for reason in tally.finish_reasons or (None,):
             metrics.finish_reasons.labels(ctx.model, finish_reason_label(reason)).inc()
         if tally.usage_source == "upstream":
@@ -308,7 +325,8 @@ class Ledger:
             metrics.decode_errors.labels(ctx.model).inc(tally.decode_errors)
         if tally.cached_prompt_tokens is not None:
             ctx.cached_prompt_tokens = tally.cached_prompt_tokens
-            tokens.labels(ctx.team, ctx.model, "cached_prompt").inc(tally.cached_prompt_tokens)
+            cached_prompt = metrics.tokens.labels(ctx.team, ctx.model, "cached_prompt")
+            cached_prompt.inc(tally.cached_prompt_tokens)
         if tally.oversized_events:
             structlog.get_logger("gateway").error(
                 "sse_event_too_large",
@@ -326,9 +344,3 @@ class Ledger:
         metrics.active_streams.labels(ctx.team, ctx.model).dec()
         duration = time.perf_counter() - ctx.started
         metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
-
-
-def _inc_by_missing(counter: Counter, final: int, counted: int) -> None:
-    """Counters only grow: add what the live count missed (an overcount stays, as drift)."""
-    if final > counted:
-        counter.inc(final - counted)

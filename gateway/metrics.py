@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .debt import DebtCounters
 from .meter_batch import FlushOnCollect, MeterBatch
 from .prometheus_private import KeptChildren, batch_adder
 
@@ -81,7 +82,7 @@ class GatewayMetrics:
         )
         self.rate_limited = _Counter(
             "gateway_rate_limited",
-            "Requests refused by a limit (requests, tokens, concurrency, inflight).",
+            "Requests refused by a limit (requests, tokens, concurrency, inflight, budget).",
             ["team", "limit"],
             registry=registry,
         )
@@ -159,6 +160,28 @@ class GatewayMetrics:
             ["upstream", "reason"],
             registry=registry,
         )
+        self.cost_usd = _Counter(
+            "gateway_cost_usd",
+            "Cost of the tokens at the `pricing` table, counted while streams run (USD).",
+            ["team", "model"],
+            registry=registry,
+        )
+        self.budget_used_ratio = _Gauge(
+            "gateway_budget_used_ratio",
+            "Spend of the current period over the budget (key: a key name, or none).",
+            ["team", "key", "budget"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.unpriced_tokens = _Counter(
+            "gateway_unpriced_tokens",
+            "Tokens of models the `pricing` table does not price (they cost 0).",
+            ["model"],
+            registry=registry,
+        )
+        #: live counters that settle to the upstream's usage (see gateway.debt)
+        self.settled_tokens = DebtCounters(self.tokens)
+        self.settled_cost = DebtCounters(self.cost_usd)
 
     def flush_pending(self) -> None:
         """Meter the waiting stream pieces and add the batched gaps now."""

@@ -35,6 +35,7 @@ LIMIT_CODES = frozenset(
         "token_budget_exceeded",
         "gateway_overloaded",
         "limits_unavailable",
+        "insufficient_quota",
     }
 )
 

@@ -5,9 +5,12 @@
                                    upstreams (simulators started), a limiter if the `limits`
                                    backend changed, a gate if max_inflight/queue_timeout_s did;
                                    any failure here rejects the file as well
+                                   a spend store if its backend or state file changed
       -> swap, with no await       settings, router, auth, tokenizers, upstreams, limiter, gate,
                                    client timeouts; the balancer's tiers, weights, health and
-                                   pacing settings
+                                   pacing settings; prices and budgets (spend so far is kept:
+                                   a budget raised admits again at once, a key removed is
+                                   refused at once)
       -> retire, later             clients of removed or changed upstreams and a replaced
                                    limiter close once the requests that started before the
                                    swap have ended
@@ -40,6 +43,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import structlog
@@ -51,7 +55,10 @@ from .app_state import COMPONENTS, ClientTimeouts, Components
 from .auth import Authenticator
 from .config import ConfigError, Settings, load_settings
 from .limits import InflightGate, Limiter, create_limiter
+from .periods import Periods
 from .routing import Router
+from .spend import create_store, store_params
+from .spend_store import LocalStore, SpendStore
 from .tokens import Tokenizer, load_tokenizer
 from .upstream import UpstreamClient
 
@@ -68,6 +75,8 @@ class _Built:
     sims: list[web.AppRunner] = field(default_factory=list)
     limiter: Limiter | None = None
     gate: InflightGate | None = None
+    store: SpendStore | None = None
+    periods: Periods | None = None
 
     async def discard(self) -> None:
         """The file was rejected after all: close what was started for it."""
@@ -77,6 +86,8 @@ class _Built:
             await runner.cleanup()
         if self.limiter is not None:
             await self.limiter.aclose()
+        if self.store is not None:
+            await self.store.aclose()
 
 
 @dataclass(slots=True)
@@ -85,6 +96,7 @@ class _Retiring:
 
     clients: list[UpstreamClient]
     limiter: Limiter | None
+    store: SpendStore | None = None
 
 
 class Reloader:
@@ -157,7 +169,11 @@ class Reloader:
         comp.inflight = built.gate or comp.inflight
         self._apply_timeouts(comp, ClientTimeouts.of(new))
         comp.balancer.configure(new)
-        retiring = _Retiring(replaced, old_limiter)
+        old_store = comp.spend.store if built.store is not None else None
+        comp.spend.store = built.store or comp.spend.store
+        comp.spend.periods = built.periods or comp.spend.periods
+        comp.spend.configure(new)
+        retiring = _Retiring(replaced, old_limiter, old_store)
         task = asyncio.create_task(self._retire(comp, before, removed, retiring))
         self._retiring[task] = retiring
         task.add_done_callback(self._retiring.pop)
@@ -208,6 +224,9 @@ class Reloader:
         if retiring.limiter is not None:
             await retiring.limiter.aclose()
             retiring.limiter = None
+        if retiring.store is not None:
+            await retiring.store.aclose()
+            retiring.store = None
 
     async def _stop_sim(self, client: UpstreamClient) -> None:
         """The in-process simulator behind a retired client, if it was one."""
@@ -253,3 +272,20 @@ async def _build(comp: Components, built: _Built) -> None:
         built.limiter = create_limiter(*backend)
     if (limits.max_inflight, limits.queue_timeout_s) != (was.max_inflight, was.queue_timeout_s):
         built.gate = InflightGate(limits.max_inflight, limits.queue_timeout_s)
+    await _build_store(comp, built)
+    if limits.budget_timezone != was.budget_timezone:
+        built.periods = Periods(await asyncio.to_thread(ZoneInfo, limits.budget_timezone))
+
+
+async def _build_store(comp: Components, built: _Built) -> None:
+    """A new spend store when the backend changed; the local one keeps its memory and, when
+    the first budget appears, starts keeping it in the state file."""
+    kind, where = store_params(built.settings)
+    store = comp.spend.store
+    if kind == "local" and isinstance(store, LocalStore):
+        if where is not None and not await store.attach(Path(str(where))):
+            log.warning("state_file_unchanged", reason="a new state_file needs a restart")
+        return
+    if store_params(built.settings) != store_params(comp.settings):
+        built.store = create_store(built.settings)
+        await built.store.start()

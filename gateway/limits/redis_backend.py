@@ -79,6 +79,25 @@ class _Keys:
         self.concurrency = f"{base}:conc"
 
 
+def bounded_client(
+    redis_url: str, op_timeout_s: float, max_connections: int, pool_timeout_s: float
+) -> Redis:
+    """A client with a bounded pool (a bounded wait for a connection), short timeouts and
+    no retries: a Redis that is down costs a call at most about `2 * op_timeout_s`."""
+    pool = BlockingConnectionPool.from_url(
+        redis_url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        socket_timeout=op_timeout_s,
+        socket_connect_timeout=op_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        # No CLIENT SETINFO: it costs a round trip per connection, and redis-py reads
+        # its own package metadata from disk, on the event loop, to fill it in.
+        driver_info=None,
+    )
+    return Redis.from_pool(pool)
+
+
 class RedisLimiter:
     """Limits shared by every replica through one Redis; same semantics as ``LocalLimiter``.
 
@@ -119,18 +138,7 @@ class RedisLimiter:
         concurrency_retry_after_s: float = 1.0,
         key_prefix: str = "gw:rl:",
     ) -> None:
-        pool = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=max_connections,
-            timeout=pool_timeout_s,
-            socket_timeout=op_timeout_s,
-            socket_connect_timeout=op_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            # No CLIENT SETINFO: it costs a round trip per connection, and redis-py reads
-            # its own package metadata from disk, on the event loop, to fill it in.
-            driver_info=None,
-        )
-        self._redis: Redis = Redis.from_pool(pool)
+        self._redis = bounded_client(redis_url, op_timeout_s, max_connections, pool_timeout_s)
         self._admit_script = self._redis.register_script(redis_scripts.ADMIT)
         self._adjust_script = self._redis.register_script(redis_scripts.ADJUST)
         self._refresh_script = self._redis.register_script(redis_scripts.REFRESH)
