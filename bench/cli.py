@@ -105,7 +105,7 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 def parser() -> argparse.ArgumentParser:
     """The command line; every matrix flag overrides the chosen profile."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="reduced matrix, about a minute")
+    p.add_argument("--quick", action="store_true", help="reduced matrix, a few minutes")
     p.add_argument("--targets", type=_names(ALL_TARGETS), default=ALL_TARGETS)
     p.add_argument("--scenarios", type=_names(ALL_SCENARIOS))
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<time>.json)")

@@ -240,7 +240,8 @@ class Gateway(ProcessTarget):
         return procs.http_ready(self._port, "/readyz", proc, START_TIMEOUT_S)
 
     def config(self) -> dict[str, object]:
-        """The gateway's configuration: one upstream, one route, no auth, generous limits."""
+        """The gateway's configuration: one upstream, one route, generous limits; auth only
+        with `team`."""
         route: dict[str, object] = {
             "models": ["bench-*"],
             "upstreams": ["bench"],
