@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -234,9 +235,14 @@ def render_steps(stats: pstats.Stats, requests: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def profile_load(spec: LoadSpec) -> tuple[cProfile.Profile, LoadResult]:
-    """Run the load generator; profile this process between its window's markers."""
+Profiled = tuple[str, pstats.Stats, LoadResult, list[int]]
+
+
+async def profile_load(spec: LoadSpec) -> tuple[cProfile.Profile, LoadResult, list[int]]:
+    """Run the load generator; profile this process between its window's markers. Also: the
+    garbage collector's collections per generation in the window."""
     profiler = cProfile.Profile()
+    collections = [0, 0, 0]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.loadgen", msgspec.json.encode(spec).decode(),
         stdout=asyncio.subprocess.PIPE,
@@ -249,17 +255,21 @@ async def profile_load(spec: LoadSpec) -> tuple[cProfile.Profile, LoadResult]:
         if isinstance(message, LoadResult):
             result = message
         elif message.name == "window_start":
+            collections = [-g["collections"] for g in gc.get_stats()]
             profiler.enable()
         elif message.name == "window_end":
             profiler.disable()
+            collections = [
+                n + g["collections"] for n, g in zip(collections, gc.get_stats(), strict=True)
+            ]
     await proc.wait()
     assert result is not None, "the load generator ended without a result"
-    return profiler, result
+    return profiler, result, collections
 
 
 async def profile_gateway(
     settings_doc: dict[str, Any], loads: Iterable[tuple[str, LoadSpec]], dump: Path | None
-) -> list[tuple[str, pstats.Stats, LoadResult]]:
+) -> list[Profiled]:
     """Serve the gateway here and profile each load against it."""
     from gateway.config import parse_settings
     from gateway.server import bound_port, settle_heap, start_server
@@ -271,11 +281,13 @@ async def profile_gateway(
     done = []
     try:
         for title, spec in loads:
-            profiler, result = await profile_load(msgspec.structs.replace(spec, port=port))
+            profiler, result, collections = await profile_load(
+                msgspec.structs.replace(spec, port=port)
+            )
             stats = pstats.Stats(profiler)
             if dump is not None:
                 stats.dump_stats(dump.with_suffix(f".{spec.call}.prof"))
-            done.append((title, stats, result))
+            done.append((title, stats, result, collections))
     finally:
         await runner.cleanup()
     return done
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
              LoadSpec(mode="sequential", events=3, call="chat", api_key=gateway.api_key,
                       **common)),
         ]  # fmt: skip
-        results: list[tuple[str, pstats.Stats, LoadResult]] = []
+        results: list[Profiled] = []
 
         async def run() -> None:
             results.extend(await profile_gateway(doc, loads, args.dump))
@@ -318,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         run_loop(run())
     variant = f"accounting {'off' if args.no_accounting else 'on'}, team {args.team}"
     print(f"gateway: {variant}; builtins counted in their callers' layers", file=report)
-    for title, stats, result in results:
+    for title, stats, result, collections in results:
         if result.errors or result.requests != args.requests:
             print(f"!! {result.requests} exact answers, errors {result.errors}", file=report)
         print(render(title, group(stats), args.requests, args.min), file=report)
         print(render_steps(stats, args.requests), file=report)
+        print(f"garbage collections in the window, by generation: {collections}\n", file=report)
     report.close()
     return 0
 
