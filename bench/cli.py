@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bench import procs, report, scenarios
+from bench import calls, procs, report, scenarios
 from bench.runtime import raise_nofile_limit
 from bench.sse import APIS, Api
 from bench.targets import (
     REPO,
+    BareRelay,
     Direct,
     Env,
     Gateway,
@@ -40,8 +41,8 @@ from bench.targets import (
 )
 from bench.upstream import Listening
 
-ALL_TARGETS = ("direct", "nginx", "gateway", "gateway-noacct")
-ALL_SCENARIOS = ("paced", "capacity", "latency", "slow", "workers")
+ALL_TARGETS = ("direct", "nginx", "aiohttp-relay", "gateway", "gateway-noacct", "gateway-team")
+ALL_SCENARIOS = ("paced", "capacity", "latency", "slow", "workers", "first-byte", "short-calls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,16 @@ class Profile:
     slow_hold_s: float = 6.0
     warmup_s: float = 3.0
     window_s: float = 8.0
+    #: first byte: requests measured per target and connection kind, events per stream
+    first_byte_requests: int = 1000
+    first_byte_events: int = 3
+    short_calls: tuple[calls.CallKind, ...] = ("chat", "embeddings")
+    short_calls_concurrency: int = 32
 
 
 QUICK = Profile(
     name="quick",
-    scenarios=("paced", "capacity", "latency", "slow"),
+    scenarios=("paced", "capacity", "latency", "slow", "first-byte", "short-calls"),
     paced_streams=(250,),
     paced_rounds=1,
     latency_streams=(50,),
@@ -78,6 +84,7 @@ QUICK = Profile(
     slow_hold_s=2.0,
     warmup_s=1.0,
     window_s=2.0,
+    first_byte_requests=500,
 )
 
 
@@ -101,7 +108,7 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 def parser() -> argparse.ArgumentParser:
     """The command line; every matrix flag overrides the chosen profile."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="reduced matrix, about a minute")
+    p.add_argument("--quick", action="store_true", help="reduced matrix, a few minutes")
     p.add_argument("--targets", type=_names(ALL_TARGETS), default=ALL_TARGETS)
     p.add_argument("--scenarios", type=_names(ALL_SCENARIOS))
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<time>.json)")
@@ -118,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-hold", type=float, dest="slow_hold_s")
     p.add_argument("--warmup", type=float, dest="warmup_s")
     p.add_argument("--window", type=float, dest="window_s")
+    p.add_argument("--first-byte-requests", type=int, help="sequential requests measured")
+    p.add_argument("--short-calls", type=_names(("chat", "embeddings")))
+    p.add_argument("--short-calls-concurrency", type=int)
     return p
 
 
@@ -171,6 +181,10 @@ def build_targets(names: tuple[str, ...], env: Env) -> list[Target]:
         "nginx": lambda: Nginx(env, "nginx", env.proxy_cpus),
         "gateway": lambda: Gateway(env, "gateway", env.proxy_cpus, accounting=True),
         "gateway-noacct": lambda: Gateway(env, "gateway-noacct", env.proxy_cpus, accounting=False),
+        "aiohttp-relay": lambda: BareRelay(env, "aiohttp-relay", env.proxy_cpus),
+        "gateway-team": lambda: Gateway(
+            env, "gateway-team", env.proxy_cpus, accounting=True, team=True
+        ),
     }
     return [factories[name]() for name in ALL_TARGETS if name in names]
 
@@ -243,6 +257,18 @@ def _steps(
             yield scenario, name, _into(rep.latency, make_latency)
     elif scenario == "slow":
         yield from _slow_steps(prof, side, target, rep)
+    elif scenario == "first-byte":
+        for new_connection in (False, True):
+            make_first_byte = partial(scenarios.first_byte, side, target,
+                                      requests=prof.first_byte_requests,
+                                      events=prof.first_byte_events,
+                                      new_connection=new_connection)  # fmt: skip
+            yield scenario, name, _into(rep.first_byte, make_first_byte)
+    elif scenario == "short-calls":
+        for call in prof.short_calls:
+            make_short = partial(scenarios.short_calls, side, target, call,
+                                 prof.short_calls_concurrency, warmup, window)  # fmt: skip
+            yield scenario, name, _into(rep.short_calls, make_short)
 
 
 def _paced_steps(

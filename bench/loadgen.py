@@ -9,6 +9,12 @@ memory at the right moments, then one `LoadResult`. Two shapes of load:
   measured window. Used for paced CPU, capacity and latency.
 - `slow`: `n` streams opened at `ramp_per_s`, one connection each, all held open at once;
   used to find how many concurrent streams a proxy carries and at what memory.
+- `sequential`: one client, one request at a time, `warmup_requests` then `requests`
+  measured, on one keep-alive connection or on a new connection each (`new_connection`, the
+  time then counts from the connect); used for the first byte at light load.
+
+`call` picks what each request is: a stream (`bench.sse`), or a short non-streaming call
+(`chat`, `embeddings`: one JSON answer each, see `bench.calls`), then counted as one event.
 
 Each connection is a plain `asyncio.Protocol`: the per-read work is a de-chunk, one memory
 compare against the expected body and an event count, so the load side stays cheap.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -26,15 +33,15 @@ from typing import Literal, cast
 
 import msgspec
 
-from bench import runtime
+from bench import calls, runtime
 from bench.http1 import HEAD_END, MAX_HEAD, BodyDecoder, FramingError, body_decoder, parse_head
-from bench.sse import PATHS, Api, StreamSpec, expected_body, request_body
+from bench.sse import PATHS, Api, ExpectedBody, StreamSpec, expected_body, request_body
 
 
 class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
     """One load run, as the orchestrator asks for it."""
 
-    mode: Literal["loop", "slow"]
+    mode: Literal["loop", "slow", "sequential"]
     port: int
     events: int
     delay_ms: float
@@ -46,6 +53,12 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
     n: int = 0  # slow mode
     ramp_per_s: float = 2000.0  # slow mode
     grace_s: float = 10.0  # slow mode: how long past its due end a stream may take
+    call: Literal["stream", "chat", "embeddings"] = "stream"
+    call_size: int = 0  # chat: words in the answer; embeddings: floats (0: bench.calls' default)
+    requests: int = 0  # sequential mode: measured requests
+    warmup_requests: int = 50  # sequential mode
+    new_connection: bool = False  # sequential mode: a new connection for every request
+    api_key: str | None = None  # sent as `Authorization: Bearer` (a gateway with a team)
 
 
 class Marker(msgspec.Struct, frozen=True, tag=True):
@@ -75,6 +88,7 @@ class LoadResult(msgspec.Struct, frozen=True, tag=True):
     ttft_ms: Percentiles
     total_ms: Percentiles
     unfinished: int  # streams still running when the run stopped
+    requests: int = 0  # answers completed byte-exact inside the window (loop, sequential)
 
     @classmethod
     def empty(cls) -> LoadResult:
@@ -101,6 +115,7 @@ class Tally:
     started: int = 0
     first_bytes: int = 0
     never_opened: int = 0
+    completed: int = 0  # answers that ended byte-exact
     outcomes: list[Outcome] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     expected: int = 0  # slow mode: streams that must open before `all_open` is set
@@ -118,6 +133,7 @@ class Tally:
     def record(self, outcome: Outcome) -> None:
         """Keep a finished stream; errors are counted by kind."""
         self.outcomes.append(outcome)
+        self.completed += outcome.error is None
         if outcome.error is not None:
             self.fail(outcome.error, opened=outcome.ttft is not None)
 
@@ -135,14 +151,10 @@ class StreamClient(asyncio.Protocol):
     when the body ends, the bytes stop matching, or the connection drops.
     """
 
-    def __init__(self, spec: StreamSpec, host: str, path: str, tally: Tally) -> None:
-        self._expected = expected_body(spec.events, spec.api)
+    def __init__(self, exchange: Exchange, tally: Tally) -> None:
+        self._expected = exchange.expected
         self._view = memoryview(self._expected.body)
-        body = request_body(spec)
-        self._request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+        self._request = exchange.request
         self._tally = tally
         self._transport: asyncio.Transport | None = None
         self._outcome: Outcome | None = None
@@ -168,12 +180,13 @@ class StreamClient(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def stream(self) -> asyncio.Future[Outcome]:
-        """Send one request; the future resolves when its response is over."""
+    def stream(self, started: float | None = None) -> asyncio.Future[Outcome]:
+        """Send one request; the future resolves when its response is over. Its times count
+        from `started` (a `perf_counter` reading, such as before the connect), else from now."""
         assert self._transport is not None
         assert self._future is None
         self._future = asyncio.get_running_loop().create_future()
-        self._outcome = Outcome(time.perf_counter())
+        self._outcome = Outcome(time.perf_counter() if started is None else started)
         self._head_buf, self._body, self._offset, self._events = b"", None, 0, 0
         self.reusable = False
         self._tally.started += 1
@@ -263,14 +276,40 @@ def percentiles(values: list[float]) -> Percentiles:
     return Percentiles(rank(0.50), rank(0.99), len(ordered))
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What a connection sends for each request, and the body it must get back."""
+
+    request: bytes
+    expected: ExpectedBody
+
+
+@functools.cache
+def exchange(spec: LoadSpec) -> Exchange:
+    """The run's request, built once: a stream's, or a short call's (see `bench.calls`)."""
+    if spec.call == "stream":
+        stream = StreamSpec(spec.events, spec.delay_ms, spec.api)
+        path, body = PATHS[spec.api], request_body(stream)
+        expected = expected_body(spec.events, spec.api)
+    else:
+        call = calls.CallSpec(spec.call, spec.call_size or calls.DEFAULT_SIZE[spec.call])
+        answer = calls.answer_body(call)  # one answer is one event
+        path, body = call.path, calls.request_body(call)
+        expected = ExpectedBody(answer, (len(answer),))
+    auth = f"Authorization: Bearer {spec.api_key}\r\n" if spec.api_key else ""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return Exchange(head.encode() + body, expected)
+
+
 async def connect(spec: LoadSpec, tally: Tally) -> StreamClient:
     """Open one connection to the target."""
-    stream = StreamSpec(spec.events, spec.delay_ms, spec.api)
+    made = exchange(spec)
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(
-        lambda: StreamClient(stream, f"{spec.host}:{spec.port}", PATHS[spec.api], tally),
-        spec.host,
-        spec.port,
+        lambda: StreamClient(made, tally), spec.host, spec.port
     )
     return client
 
@@ -307,17 +346,18 @@ async def run_loop(spec: LoadSpec) -> LoadResult:
         for i in range(spec.concurrency)
     ]
     await asyncio.sleep(spec.warmup_s)
-    start, events0 = time.perf_counter(), tally.events
+    start, events0, completed0 = time.perf_counter(), tally.events, tally.completed
     runtime.emit(Marker("window_start", start))
     await asyncio.sleep(spec.window_s)
     end, events = time.perf_counter(), tally.events - events0
+    completed = tally.completed - completed0
     runtime.emit(Marker("window_end", end))
     for user in users:
         user.cancel()
     await asyncio.gather(*users, return_exceptions=True)
     inside = [o for o in tally.outcomes if o.started >= start and o.started + (o.total or 0) <= end]
     unfinished = tally.started - len(tally.outcomes)
-    return _result(spec, tally, inside, events, end - start, unfinished=unfinished)
+    return _result(spec, tally, inside, events, end - start, unfinished, completed)
 
 
 async def slow_stream(spec: LoadSpec, tally: Tally, start_at: float) -> None:
@@ -366,6 +406,7 @@ def _result(
     events: int,
     window_s: float,
     unfinished: int,
+    requests: int = 0,
 ) -> LoadResult:
     """Summarise the streams of interest."""
     exact = [o for o in outcomes if o.error is None]
@@ -379,11 +420,54 @@ def _result(
         ttft_ms=percentiles([o.ttft for o in outcomes if o.ttft is not None]),
         total_ms=percentiles([o.total for o in exact if o.total is not None]),
         unfinished=unfinished,
+        requests=requests,
     )
+
+
+async def run_sequential(spec: LoadSpec) -> LoadResult:
+    """One request at a time: `warmup_requests`, then `requests` inside the window.
+
+    With `new_connection`, every request opens its own connection (closed once the answer is
+    whole) and its times count from before the connect: what a client without keep-alive
+    waits for.
+    """
+    tally = Tally()
+    window: list[tuple[float, int, int]] = []  # (start, events, outcomes) once it opened
+    client: StreamClient | None = None
+    try:
+        for i in range(spec.warmup_requests + spec.requests):
+            if i == spec.warmup_requests:
+                window.append(_open_window(tally))
+            began = time.perf_counter()
+            if spec.new_connection or client is None or not client.reusable:
+                if client is not None:
+                    client.close()
+                client = await connect(spec, tally)
+            await client.stream(began if spec.new_connection else None)
+    except OSError:
+        tally.fail("connect_failed")
+    finally:
+        if client is not None:
+            client.close()
+    start, events0, first = window[0] if window else _open_window(tally)
+    end = time.perf_counter()
+    runtime.emit(Marker("window_end", end))
+    inside = tally.outcomes[first:]
+    completed = sum(o.error is None for o in inside)
+    return _result(spec, tally, inside, tally.events - events0, end - start, 0, completed)
+
+
+def _open_window(tally: Tally) -> tuple[float, int, int]:
+    """Announce the window's start; what the tally holds then."""
+    start = time.perf_counter()
+    runtime.emit(Marker("window_start", start))
+    return start, tally.events, len(tally.outcomes)
 
 
 async def run(spec: LoadSpec) -> LoadResult:
     """Dispatch on the mode."""
+    if spec.mode == "sequential":
+        return await run_sequential(spec)
     return await (run_loop(spec) if spec.mode == "loop" else run_slow(spec))
 
 

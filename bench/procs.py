@@ -155,6 +155,9 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # our own session: also ends orphaned workers
     proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:

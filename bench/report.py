@@ -16,7 +16,15 @@ from typing import Any
 import msgspec
 
 from bench.loadgen import Percentiles
-from bench.scenarios import Added, CapacityRow, LatencyRow, PacedRow, SlowRow
+from bench.scenarios import (
+    Added,
+    CapacityRow,
+    FirstByteRow,
+    LatencyRow,
+    PacedRow,
+    ShortCallsRow,
+    SlowRow,
+)
 
 
 class TargetStatus(msgspec.Struct, kw_only=True):
@@ -48,6 +56,8 @@ class Report(msgspec.Struct, kw_only=True):
     slow: list[SlowRow] = msgspec.field(default_factory=list)
     workers: list[CapacityRow] = msgspec.field(default_factory=list)
     failures: list[Failure] = msgspec.field(default_factory=list)
+    first_byte: list[FirstByteRow] = msgspec.field(default_factory=list)
+    short_calls: list[ShortCallsRow] = msgspec.field(default_factory=list)
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -80,6 +90,20 @@ def derive(report: Report) -> None:
     one_worker = {r.target: r.events_per_s for r in report.workers if r.workers == 1}
     for w in report.workers:
         w.scaling_vs_1_worker = _ratio(w.events_per_s, one_worker.get(w.target))
+    _derive_per_request(report)
+
+
+def _derive_per_request(report: Report) -> None:
+    """First byte added over direct (same kind of connection); short calls per proxy core
+    against the bare aiohttp relay's (same call)."""
+    direct = {r.connection: r for r in report.first_byte if r.target == "direct"}
+    for fb in report.first_byte:
+        if (base := direct.get(fb.connection)) is not None:
+            fb.added_first_byte_ms = _added(fb.first_byte_ms, base.first_byte_ms)
+    bare = {r.call: r.requests_per_proxy_core_s for r in report.short_calls
+            if r.target == "aiohttp-relay"}  # fmt: skip
+    for sc in report.short_calls:
+        sc.per_core_vs_bare_relay = _ratio(sc.requests_per_proxy_core_s, bare.get(sc.call))
 
 
 def _paced_medians(rounds: list[PacedRow]) -> list[PacedRow]:
@@ -197,6 +221,34 @@ SLOW = _cols("""
     load_cores=load_cpu_cores
     errors=errors
 """)
+FIRST_BYTE = _cols("""
+    target=target
+    connection=connection
+    fb p50=first_byte_ms.p50
+    fb p99=first_byte_ms.p99
+    +fb p50=added_first_byte_ms.p50
+    +fb p99=added_first_byte_ms.p99
+    total p50=total_ms.p50
+    total p99=total_ms.p99
+    cpu_us/req=proxy_cpu_us_per_request
+    samples=first_byte_ms.samples
+    errors=errors
+""")
+SHORT_CALLS = _cols("""
+    target=target
+    call=call
+    clients=concurrency
+    req/s=requests_per_s
+    cpu_us/req=proxy_cpu_us_per_request
+    user_us=proxy_user_us_per_request
+    req/s/core=requests_per_proxy_core_s
+    x bare relay=per_core_vs_bare_relay
+    proxy_cores=proxy_cpu_cores
+    saturated=saturated
+    foreign=foreign_cores
+    load_cores=load_cpu_cores
+    errors=errors
+""")
 FAILURES = _cols("scenario=scenario\ntarget=target\ndetail=detail")
 
 
@@ -227,6 +279,16 @@ def render(report: Report) -> str:
         table("Latency in ms (+ = added over direct)", LATENCY, report.latency),
         table("Slow streams held at once", SLOW, report.slow),
         table("Workers (gateway and load side share every core)", CAPACITY, report.workers),
+        table(
+            "First byte in ms, one sequential client (+ = added over direct)",
+            FIRST_BYTE,
+            report.first_byte,
+        ),
+        table(
+            "Short non-streaming calls at saturation (per request, proxy process tree)",
+            SHORT_CALLS,
+            report.short_calls,
+        ),
         table("Failures", FAILURES, report.failures),
     ]
     return "\n".join(part for part in parts if part)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from bench import procs
+from bench.calls import CallKind
 from bench.loadgen import LoadResult, LoadSpec, Marker, Percentiles
 from bench.sse import Api
 from bench.targets import Target
@@ -115,6 +116,39 @@ class SlowRow(msgspec.Struct, kw_only=True):
     load_cpu_cores: float  # over the whole run: near 1.0 means the load side limited TTFT
     errors: dict[str, int]
     ttft_p99_ratio_to_nginx: float | None = None
+
+
+class FirstByteRow(msgspec.Struct, kw_only=True):
+    """One client, one small stream at a time: the first byte at light load."""
+
+    target: str
+    connection: str  # `keep-alive`, or `new` (a connection per request, timed from connect)
+    events: int
+    first_byte_ms: Percentiles
+    total_ms: Percentiles
+    #: CPU of the proxy per request over the sequential run (mostly per-request work)
+    proxy_cpu_us_per_request: float | None
+    errors: dict[str, int]
+    added_first_byte_ms: Added | None = None
+
+
+class ShortCallsRow(msgspec.Struct, kw_only=True):
+    """Short non-streaming calls with no pause: requests per second and CPU per request."""
+
+    target: str
+    call: str  # chat or embeddings
+    concurrency: int
+    requests_per_s: float
+    proxy_cpu_us_per_request: float | None
+    proxy_user_us_per_request: float | None
+    proxy_cpu_cores: float | None
+    requests_per_proxy_core_s: float | None  # 1e6 / cpu_us_per_request
+    saturated: bool  # the proxy's core was full: requests/s is its capacity
+    foreign_cores: float | None
+    load_cpu_cores: float
+    errors: dict[str, int]
+    #: requests per proxy core against the bare aiohttp relay's, same call, same run
+    per_core_vs_bare_relay: float | None = None
 
 
 @dataclass(slots=True)
@@ -244,6 +278,7 @@ def run_loop(
         warmup_s=warmup_s,
         window_s=window_s,
         api=api,
+        api_key=target.api_key,
     )
     return run_load(side, target, spec, warmup_s + window_s + 30.0)
 
@@ -400,6 +435,7 @@ def slow(side: LoadSide, target: Target, n: int, plan: SlowPlan) -> SlowRow:
         n=n,
         ramp_per_s=plan.ramp_per_s,
         grace_s=plan.grace_s,
+        api_key=target.api_key,
     )
     stream_s = (events - 1) * plan.delay_ms / 1000
     timeout = n / plan.ramp_per_s + stream_s + plan.grace_s + 30.0
@@ -428,3 +464,72 @@ def _round(value: float) -> float:
 
 def _round_opt(value: float | None) -> float | None:
     return None if value is None else _round(value)
+
+
+def first_byte(
+    side: LoadSide, target: Target, *, requests: int, events: int, new_connection: bool
+) -> FirstByteRow:
+    """`requests` small streams one after another from one client, after 50 to warm up."""
+    spec = LoadSpec(
+        mode="sequential",
+        port=target.port,
+        events=events,
+        delay_ms=0,
+        requests=requests,
+        new_connection=new_connection,
+        api_key=target.api_key,
+    )
+    m = run_load(side, target, spec, 30.0 + requests * 0.05)
+    has_proxy = bool(target.roots())
+    cpu_us = m.cpu_s(m.proxy) / max(1, m.result.requests) * 1e6
+    return FirstByteRow(
+        target=target.name,
+        connection="new" if new_connection else "keep-alive",
+        events=events,
+        first_byte_ms=m.result.ttft_ms,
+        total_ms=m.result.total_ms,
+        proxy_cpu_us_per_request=_round(cpu_us) if has_proxy else None,
+        errors=m.result.errors,
+    )
+
+
+def short_calls(
+    side: LoadSide,
+    target: Target,
+    call: CallKind,
+    concurrency: int,
+    warmup_s: float,
+    window_s: float,
+) -> ShortCallsRow:
+    """Back-to-back short calls from `concurrency` keep-alive clients: the proxy's core fills."""
+    spec = LoadSpec(
+        mode="loop",
+        port=target.port,
+        events=3,
+        delay_ms=0,
+        concurrency=concurrency,
+        warmup_s=warmup_s,
+        window_s=window_s,
+        call=call,
+        api_key=target.api_key,
+    )
+    m = run_load(side, target, spec, warmup_s + window_s + 30.0)
+    has_proxy = bool(target.roots())
+    done = max(1, m.result.requests)
+    proxy_cores = m.cores(m.proxy) if has_proxy else None
+    return ShortCallsRow(
+        target=target.name,
+        call=call,
+        concurrency=concurrency,
+        requests_per_s=round(m.result.requests / m.result.window_s, 1),
+        proxy_cpu_us_per_request=_round(m.cpu_s(m.proxy) / done * 1e6) if has_proxy else None,
+        proxy_user_us_per_request=_round(m.user_s(m.proxy) / done * 1e6) if has_proxy else None,
+        proxy_cpu_cores=_round_opt(proxy_cores),
+        requests_per_proxy_core_s=round(m.result.requests / m.result.window_s / proxy_cores, 1)
+        if proxy_cores
+        else None,
+        saturated=(proxy_cores or 0.0) > SATURATED_CORES,
+        foreign_cores=_round_opt(m.foreign_cores(side)),
+        load_cpu_cores=_round(m.cores(m.load)),
+        errors=m.result.errors,
+    )

@@ -46,6 +46,8 @@ class Target(abc.ABC):
     """A way to reach the bench upstream."""
 
     name: str
+    #: the `Authorization: Bearer` key the load generator sends (a gateway with a team)
+    api_key: str | None = None
 
     @property
     @abc.abstractmethod
@@ -191,15 +193,42 @@ http {{
 """
 
 
+class BareRelay(ProcessTarget):
+    """`python -m bench.bare_relay`: an aiohttp server relaying with an aiohttp client."""
+
+    def command(self) -> list[str]:
+        upstream = f"http://127.0.0.1:{self._env.upstream_port}"
+        return [sys.executable, "-m", "bench.bare_relay", "--port", str(self._port),
+                "--upstream", upstream]  # fmt: skip
+
+    def ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        return procs.wait_for_port(self._port, proc, START_TIMEOUT_S)
+
+
+#: the bench team's key, and limits no bench load reaches: they are checked, never hit
+TEAM_KEY = "bench-team-key"
+TEAM_LIMITS = {"requests_per_minute": 100_000_000, "tokens_per_minute": 10_000_000_000}
+
+
 class Gateway(ProcessTarget):
-    """`python -m gateway`, with accounting on or off, one or more workers."""
+    """`python -m gateway`, with accounting on or off, one or more workers; with `team`, one
+    team whose key every request carries and whose request and token limits are checked."""
 
     def __init__(
-        self, env: Env, name: str, cpus: str | None, *, accounting: bool, workers: int = 1
+        self,
+        env: Env,
+        name: str,
+        cpus: str | None,
+        *,
+        accounting: bool,
+        workers: int = 1,
+        team: bool = False,
     ) -> None:
         super().__init__(env, name, cpus)
         self._accounting = accounting
         self._workers = workers
+        self._team = team
+        self.api_key = TEAM_KEY if team else None
 
     def command(self) -> list[str]:
         conf = self._dir / "gateway.yaml"
@@ -211,7 +240,8 @@ class Gateway(ProcessTarget):
         return procs.http_ready(self._port, "/readyz", proc, START_TIMEOUT_S)
 
     def config(self) -> dict[str, object]:
-        """The gateway's configuration: one upstream, one route, no auth, generous limits."""
+        """The gateway's configuration: one upstream, one route, generous limits; auth only
+        with `team`."""
         route: dict[str, object] = {
             "models": ["bench-*"],
             "upstreams": ["bench"],
@@ -220,6 +250,7 @@ class Gateway(ProcessTarget):
         if not self._accounting:
             route["accounting"] = False
         upstream = f"http://127.0.0.1:{self._env.upstream_port}/v1"
+        teams = [{"name": "bench", "keys": [TEAM_KEY], "limits": TEAM_LIMITS}]
         return {
             "listen": {"host": "127.0.0.1", "port": self._port},
             "shutdown_grace_s": 5,
@@ -232,7 +263,7 @@ class Gateway(ProcessTarget):
             },
             "routes": [route],
             "limits": {"max_inflight": 20000},
-        }
+        } | ({"teams": teams} if self._team else {})
 
     def failure(self, log_tail: str) -> TargetError:
         if not self._accounting and "accounting" in log_tail:

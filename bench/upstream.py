@@ -1,12 +1,13 @@
 """The bench upstream: a raw-asyncio HTTP/1.1 server that streams pre-serialised SSE.
 
 `python -m bench.upstream [--port 0]` prints `{"port": N}` once it listens, then serves until
-SIGTERM. Every POST to /v1/chat/completions (chat chunks) or /v1/responses (Responses API
-events) streams the events its body asks for (see `bench.sse`), each event in its
-own `transport.write` with chunked transfer encoding, paced on the loop's clock, so a proxy
+SIGTERM. A chat completion with `"stream": true`, and any POST to /v1/responses (Responses
+API events), streams the events its body asks for (see `bench.sse`), each event in its own
+`transport.write` with chunked transfer encoding, paced on the loop's clock, so a proxy
 receives one event per read as it would from a real model. Pacing uses one timer callback per
 event rather than a coroutine, and writes respect flow control, so this process stays far
-from the bottleneck.
+from the bottleneck. A chat completion without `"stream": true`, and an embeddings request,
+get one pre-built JSON answer with its `usage` (see `bench.calls`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import cast
 
 import msgspec
 
-from bench import runtime
+from bench import calls, runtime
 from bench.http1 import HEAD_END, MAX_HEAD, BodyDecoder, FramingError, Head, body_decoder
 from bench.http1 import parse_head as parse_http_head
 from bench.sse import LAST_CHUNK, PATHS, Api, StreamSpec, chunked_frames, parse_request_body
@@ -115,6 +116,10 @@ class StreamServer(asyncio.Protocol):
         assert self._transport is not None
         self._head = None
         self._keep_alive = head.keep_alive()
+        if head.start[0] == "POST" and (call := calls.call_for(head.start[1], body)) is not None:
+            self._transport.write(calls.answer(call))  # a short call: one JSON answer
+            self._finish()
+            return
         api = _api(head.start[1]) if head.start[0] == "POST" else None
         if api is None:
             self._transport.write(NOT_FOUND)

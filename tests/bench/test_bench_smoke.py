@@ -58,6 +58,39 @@ def test_tiny_run_writes_every_scenario_with_exact_streams(tmp_path: Path) -> No
         assert row["errors"] == {}
 
 
+def test_tiny_per_request_run_has_a_row_per_target_connection_and_call(tmp_path: Path) -> None:
+    out = tmp_path / "per-request.json"
+    command = [
+        sys.executable, "-m", "bench", "--no-pin",
+        "--targets", "direct,aiohttp-relay,gateway-team", "--scenarios", "first-byte,short-calls",
+        "--first-byte-requests", "20", "--short-calls-concurrency", "4",
+        "--warmup", "0.3", "--window", "0.5", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, check=True, timeout=120, capture_output=True)
+    report: dict[str, Any] = json.loads(out.read_text())
+
+    assert report["failures"] == []
+    assert [t["status"] for t in report["targets"]] == ["ok", "ok", "ok"]
+    targets = ["direct", "aiohttp-relay", "gateway-team"]
+    first_byte = {(r["target"], r["connection"]): r for r in report["first_byte"]}
+    assert set(first_byte) == {(t, c) for t in targets for c in ("keep-alive", "new")}
+    for (target, _), row in first_byte.items():
+        assert row["errors"] == {}
+        assert row["first_byte_ms"]["samples"] == 20  # all measured, none from the warm-up
+        assert (row["proxy_cpu_us_per_request"] is None) == (target == "direct")
+    assert first_byte["direct", "new"]["added_first_byte_ms"] == {"p50": 0.0, "p99": 0.0}
+    short = {(r["target"], r["call"]): r for r in report["short_calls"]}
+    assert set(short) == {(t, c) for t in targets for c in ("chat", "embeddings")}
+    for row in short.values():
+        assert row["errors"] == {}
+        assert row["requests_per_s"] > 0  # answers checked byte for byte, behind a team key
+    assert short["aiohttp-relay", "chat"]["per_core_vs_bare_relay"] == 1.0
+    assert short["gateway-team", "embeddings"]["per_core_vs_bare_relay"] is not None
+    printed = done.stdout.decode()
+    assert "== First byte in ms, one sequential client" in printed
+    assert "== Short non-streaming calls at saturation" in printed
+
+
 @pytest.mark.parametrize("split", [1, 2, 3, 7, 64, 1000])
 def test_chunked_decoder_reassembles_the_body_whatever_the_split(split: int) -> None:
     wire = b"".join(chunked_frames(8)) + b"0\r\n\r\n"

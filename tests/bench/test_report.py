@@ -1,9 +1,11 @@
-"""The paced table keeps, per target and load, the median of its rounds."""
+"""The report's derived figures: paced medians per round, per-request figures against the
+right base row, and the tables that print them."""
 
 from __future__ import annotations
 
+from bench.loadgen import Percentiles
 from bench.report import PACED, Report, derive, render
-from bench.scenarios import PacedRow
+from bench.scenarios import Added, FirstByteRow, PacedRow, ShortCallsRow
 from bench.sse import Api
 
 
@@ -51,3 +53,54 @@ def test_responses_rows_are_compared_with_nginx_relaying_responses() -> None:
     ]
     assert PACED[0][0] == "api"
     assert "responses" in render(report)
+
+
+def first_byte(target: str, connection: str, p50: float, p99: float) -> FirstByteRow:
+    return FirstByteRow(
+        target=target, connection=connection, events=3,
+        first_byte_ms=Percentiles(p50, p99, 1000), total_ms=Percentiles(p50, p99, 1000),
+        proxy_cpu_us_per_request=None, errors={},
+    )  # fmt: skip
+
+
+def short(target: str, call: str, per_core: float | None) -> ShortCallsRow:
+    return ShortCallsRow(
+        target=target, call=call, concurrency=32, requests_per_s=5000.0,
+        proxy_cpu_us_per_request=None, proxy_user_us_per_request=None,
+        proxy_cpu_cores=0.5, requests_per_proxy_core_s=per_core, saturated=False,
+        foreign_cores=0.0, load_cpu_cores=0.5, errors={},
+    )  # fmt: skip
+
+
+def test_first_byte_is_added_over_direct_on_the_same_kind_of_connection() -> None:
+    report = Report(meta={}, targets=[])
+    report.first_byte = [
+        first_byte("direct", "keep-alive", 0.05, 0.2), first_byte("direct", "new", 0.3, 0.9),
+        first_byte("gateway", "keep-alive", 0.75, 1.2), first_byte("gateway", "new", 1.3, 2.9),
+    ]  # fmt: skip
+    derive(report)
+    added = {(r.target, r.connection): r.added_first_byte_ms for r in report.first_byte}
+
+    assert added["gateway", "keep-alive"] == Added(0.7, 1.0)
+    assert added["gateway", "new"] == Added(1.0, 2.0)
+    assert added["direct", "new"] == Added(0.0, 0.0)
+    printed = render(report)
+    assert "== First byte in ms, one sequential client (+ = added over direct)" in printed
+    assert "keep-alive" in printed and "0.7" in printed
+
+
+def test_short_calls_per_core_are_compared_with_the_bare_relays_same_call() -> None:
+    report = Report(meta={}, targets=[])
+    report.short_calls = [
+        short("aiohttp-relay", "chat", 8000.0), short("aiohttp-relay", "embeddings", 10000.0),
+        short("gateway-team", "chat", 5600.0), short("gateway-team", "embeddings", 5000.0),
+        short("direct", "chat", None),
+    ]  # fmt: skip
+    derive(report)
+    ratio = {(r.target, r.call): r.per_core_vs_bare_relay for r in report.short_calls}
+
+    assert ratio["gateway-team", "chat"] == 0.7
+    assert ratio["gateway-team", "embeddings"] == 0.5
+    assert ratio["aiohttp-relay", "chat"] == 1.0
+    assert ratio["direct", "chat"] is None  # no proxy, no CPU to compare
+    assert "x bare relay" in render(report)
