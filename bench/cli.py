@@ -41,7 +41,15 @@ from bench.targets import (
 )
 from bench.upstream import Listening
 
-ALL_TARGETS = ("direct", "nginx", "aiohttp-relay", "gateway", "gateway-noacct", "gateway-team")
+ALL_TARGETS = (
+    "direct",
+    "nginx",
+    "aiohttp-relay",
+    "gateway",
+    "gateway-noacct",
+    "gateway-team",
+    "gateway-budget",
+)
 ALL_SCENARIOS = ("paced", "capacity", "latency", "slow", "workers", "first-byte", "short-calls")
 
 
@@ -110,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced matrix, a few minutes")
     p.add_argument("--targets", type=_names(ALL_TARGETS), default=ALL_TARGETS)
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout (a git worktree of the commit to compare): its gateway, "
+        "gateway-noacct and gateway-team run too, as NAME@base, in the same run",
+    )
     p.add_argument("--scenarios", type=_names(ALL_SCENARIOS))
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<time>.json)")
     p.add_argument("--proxy-cpus", default="1", help="taskset list for the proxy under test")
@@ -174,7 +188,7 @@ def upstream(cpus: str | None) -> Iterator[tuple[int, int]]:
         procs.stop(proc)
 
 
-def build_targets(names: tuple[str, ...], env: Env) -> list[Target]:
+def build_targets(names: tuple[str, ...], env: Env, base: Path | None = None) -> list[Target]:
     """The targets asked for, in the fixed order the tables use."""
     factories: dict[str, Callable[[], Target]] = {
         "direct": lambda: Direct(env),
@@ -185,8 +199,26 @@ def build_targets(names: tuple[str, ...], env: Env) -> list[Target]:
         "gateway-team": lambda: Gateway(
             env, "gateway-team", env.proxy_cpus, accounting=True, team=True
         ),
+        "gateway-budget": lambda: Gateway(
+            env, "gateway-budget", env.proxy_cpus, accounting=True, budget=True
+        ),
     }
-    return [factories[name]() for name in ALL_TARGETS if name in names]
+    built = [factories[name]() for name in ALL_TARGETS if name in names]
+    if base is not None:  # the same gateways from another checkout, measured in the same run
+        built += [
+            Gateway(env, f"{name}@base", env.proxy_cpus, cwd=base, **BASE_TWINS[name])
+            for name in ALL_TARGETS
+            if name in names and name in BASE_TWINS
+        ]
+    return built
+
+
+#: the targets `--base` runs again from the other checkout, and how
+BASE_TWINS: dict[str, dict[str, bool]] = {
+    "gateway": {"accounting": True},
+    "gateway-noacct": {"accounting": False},
+    "gateway-team": {"accounting": True, "team": True},
+}
 
 
 def start_targets(targets: list[Target]) -> tuple[list[Target], list[report.TargetStatus]]:
@@ -394,7 +426,7 @@ def run(args: argparse.Namespace) -> report.Report:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, upstream(place.load) as (pid, port):
         env = Env(Path(tmp), port, place.proxy, nofile)
         side = scenarios.LoadSide(place.load, pid, procs.cpu_list(place.proxy))
-        targets = build_targets(args.targets, env)
+        targets = build_targets(args.targets, env, args.base)
         running, rep.targets = start_targets(targets)
         try:
             for scenario, name, step in plan(prof, side, running, rep, env, place):

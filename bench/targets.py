@@ -97,10 +97,12 @@ class Direct(Target):
 class ProcessTarget(Target):
     """A proxy that runs as a child process listening on a port of its own."""
 
-    def __init__(self, env: Env, name: str, cpus: str | None) -> None:
+    def __init__(self, env: Env, name: str, cpus: str | None, cwd: Path = REPO) -> None:
         self.name = name
         self._env = env
         self._cpus = cpus
+        #: where the process starts: `python -m gateway` runs the checkout found there
+        self._cwd = cwd
         self._port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir = env.workdir / name
@@ -123,7 +125,7 @@ class ProcessTarget(Target):
         self._port = procs.free_port()
         with self.log.open("ab") as log:
             self._proc = procs.spawn(
-                self.command(), self._cpus, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                self.command(), self._cpus, stdout=log, stderr=subprocess.STDOUT, cwd=self._cwd
             )
         if not self.ready(self._proc):
             self.stop()
@@ -208,11 +210,16 @@ class BareRelay(ProcessTarget):
 #: the bench team's key, and limits no bench load reaches: they are checked, never hit
 TEAM_KEY = "bench-team-key"
 TEAM_LIMITS = {"requests_per_minute": 100_000_000, "tokens_per_minute": 10_000_000_000}
+#: budgets and a price the bench never reaches: charged and stored, never refusing
+TEAM_BUDGETS = {"tokens_per_day": 10**15, "usd_per_month": 10**9}
+PRICE = {"models": ["bench-*"], "input": 0.5, "cached_input": 0.25, "output": 1.5}
 
 
 class Gateway(ProcessTarget):
     """`python -m gateway`, with accounting on or off, one or more workers; with `team`, one
-    team whose key every request carries and whose request and token limits are checked."""
+    team whose key every request carries and whose request and token limits are checked; with
+    `budget` as well, that team has day and month budgets and the model a price. `cwd`: the
+    checkout to run (another commit's work tree, for an A/B run in one bench)."""
 
     def __init__(
         self,
@@ -223,12 +230,15 @@ class Gateway(ProcessTarget):
         accounting: bool,
         workers: int = 1,
         team: bool = False,
+        budget: bool = False,
+        cwd: Path = REPO,
     ) -> None:
-        super().__init__(env, name, cpus)
+        super().__init__(env, name, cpus, cwd)
         self._accounting = accounting
         self._workers = workers
-        self._team = team
-        self.api_key = TEAM_KEY if team else None
+        self._team = team or budget
+        self._budget = budget
+        self.api_key = TEAM_KEY if self._team else None
 
     def command(self) -> list[str]:
         conf = self._dir / "gateway.yaml"
@@ -250,20 +260,33 @@ class Gateway(ProcessTarget):
         if not self._accounting:
             route["accounting"] = False
         upstream = f"http://127.0.0.1:{self._env.upstream_port}/v1"
-        teams = [{"name": "bench", "keys": [TEAM_KEY], "limits": TEAM_LIMITS}]
-        return {
-            "listen": {"host": "127.0.0.1", "port": self._port},
-            "shutdown_grace_s": 5,
-            "upstreams": {
-                "bench": {
-                    "base_url": upstream,
-                    "max_connections": 20000,
-                    "read_idle_timeout_s": 60,
-                }
-            },
-            "routes": [route],
-            "limits": {"max_inflight": 20000},
-        } | ({"teams": teams} if self._team else {})
+        team: dict[str, object] = {"name": "bench", "keys": [TEAM_KEY], "limits": TEAM_LIMITS}
+        priced: dict[str, object] = {}
+        if self._budget:
+            team["budgets"] = TEAM_BUDGETS
+            state_file = str(self._dir / "state.db")
+            priced = {
+                "pricing": [PRICE],
+                "limits": {"max_inflight": 20000, "state_file": state_file},
+            }
+        teams = [team]
+        return (
+            {
+                "listen": {"host": "127.0.0.1", "port": self._port},
+                "shutdown_grace_s": 5,
+                "upstreams": {
+                    "bench": {
+                        "base_url": upstream,
+                        "max_connections": 20000,
+                        "read_idle_timeout_s": 60,
+                    }
+                },
+                "routes": [route],
+                "limits": {"max_inflight": 20000},
+            }
+            | ({"teams": teams} if self._team else {})
+            | priced
+        )
 
     def failure(self, log_tail: str) -> TargetError:
         if not self._accounting and "accounting" in log_tail:
