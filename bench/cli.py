@@ -120,9 +120,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_names(ALL_TARGETS), default=ALL_TARGETS)
     p.add_argument(
         "--base",
-        type=Path,
+        type=_base,
+        action="append",
+        metavar="NAME=DIR",
         help="another checkout (a git worktree of the commit to compare): its gateway, "
-        "gateway-noacct and gateway-team run too, as NAME@base, in the same run",
+        "gateway-noacct and gateway-team run too, as TARGET@NAME, in the same run; repeatable",
     )
     p.add_argument("--scenarios", type=_names(ALL_SCENARIOS))
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<time>.json)")
@@ -188,7 +190,9 @@ def upstream(cpus: str | None) -> Iterator[tuple[int, int]]:
         procs.stop(proc)
 
 
-def build_targets(names: tuple[str, ...], env: Env, base: Path | None = None) -> list[Target]:
+def build_targets(
+    names: tuple[str, ...], env: Env, bases: dict[str, Path] | None = None
+) -> list[Target]:
     """The targets asked for, in the fixed order the tables use."""
     factories: dict[str, Callable[[], Target]] = {
         "direct": lambda: Direct(env),
@@ -204,13 +208,23 @@ def build_targets(names: tuple[str, ...], env: Env, base: Path | None = None) ->
         ),
     }
     built = [factories[name]() for name in ALL_TARGETS if name in names]
-    if base is not None:  # the same gateways from another checkout, measured in the same run
+    for label, checkout in (bases or {}).items():  # the same gateways from other checkouts
         built += [
-            Gateway(env, f"{name}@base", env.proxy_cpus, cwd=base, **BASE_TWINS[name])
+            Gateway(env, f"{name}@{label}", env.proxy_cpus, cwd=checkout, **BASE_TWINS[name])
             for name in ALL_TARGETS
             if name in names and name in BASE_TWINS
         ]
     return built
+
+
+def _base(text: str) -> tuple[str, Path]:
+    """`--base NAME=DIR` (or just DIR, named `base`)."""
+    label, sep, checkout = text.rpartition("=")
+    if not sep:
+        label = "base"
+    if not label.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{label!r}: a name of letters, digits, - and _")
+    return label, Path(checkout)
 
 
 #: the targets `--base` runs again from the other checkout, and how
@@ -426,7 +440,7 @@ def run(args: argparse.Namespace) -> report.Report:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, upstream(place.load) as (pid, port):
         env = Env(Path(tmp), port, place.proxy, nofile)
         side = scenarios.LoadSide(place.load, pid, procs.cpu_list(place.proxy))
-        targets = build_targets(args.targets, env, args.base)
+        targets = build_targets(args.targets, env, dict(args.base or []))
         running, rep.targets = start_targets(targets)
         try:
             for scenario, name, step in plan(prof, side, running, rep, env, place):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.cli import build_targets
+from bench.cli import build_targets, parser
 from bench.targets import Env, Gateway
 from gateway.config import parse_settings
 
@@ -15,14 +15,20 @@ def env(tmp_path: Path) -> Env:
     return Env(workdir=tmp_path, upstream_port=9, proxy_cpus=None, nofile=1024)
 
 
-def test_base_runs_each_asked_gateway_again_from_the_other_checkout(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    targets = build_targets(("nginx", "gateway", "gateway-noacct"), env(tmp_path), base)
+def test_base_runs_each_asked_gateway_again_from_each_other_checkout(tmp_path: Path) -> None:
+    args = parser().parse_args(
+        ["--targets", "nginx,gateway,gateway-noacct", "--base", "old=/a", "--base", "/b"]
+    )
+    targets = build_targets(args.targets, env(tmp_path), dict(args.base))
     names = [target.name for target in targets]
 
-    assert names == ["nginx", "gateway", "gateway-noacct", "gateway@base", "gateway-noacct@base"]
-    twins = [t for t in targets if t.name.endswith("@base")]
-    assert all(isinstance(t, Gateway) and t._cwd == base for t in twins)
+    assert names == [
+        "nginx", "gateway", "gateway-noacct",
+        "gateway@old", "gateway-noacct@old", "gateway@base", "gateway-noacct@base",
+    ]  # fmt: skip
+    cwd = {t.name: t._cwd for t in targets if isinstance(t, Gateway)}
+    assert cwd["gateway@old"] == cwd["gateway-noacct@old"] == Path("/a")
+    assert cwd["gateway@base"] == Path("/b")
 
 
 def test_every_gateway_targets_configuration_is_valid(tmp_path: Path) -> None:
