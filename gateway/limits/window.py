@@ -71,33 +71,48 @@ class SlidingWindow:
     Slots are kept in a dict whose insertion order is slot order, because time only moves
     forward: expiring the oldest slots is popping from the front, so every operation is
     O(1) amortised except :meth:`retry_after_ms`, which walks at most ``S`` slots.
+
+    Expiry runs once per slot of time, not once per call: the window remembers the slot it
+    last expired for (``_current``), and a call in that same slot has nothing to drop, since
+    nothing older than the window can have been added since. A request's admission (measure
+    every dimension, then count) and its settle therefore each expire a window once.
     """
 
-    __slots__ = ("_counts", "_total", "shape")
+    __slots__ = ("_counts", "_current", "_slot_ms", "_slots", "_total", "shape")
 
     def __init__(self, shape: WindowShape) -> None:
         self.shape = shape
+        self._slot_ms = shape.slot_ms
+        self._slots = shape.slots
         self._counts: dict[int, int] = {}
         self._total = 0
+        #: the slot the window was last expired for; None before the first call
+        self._current: int | None = None
 
     def used(self, now_ms: int) -> int:
         """The cost counted in the window at ``now_ms``."""
-        self._expire(now_ms)
+        slot = now_ms // self._slot_ms
+        if slot != self._current:
+            self._expire(slot)
         return self._total
 
     def add(self, now_ms: int, amount: int) -> int:
         """Count ``amount`` in the current slot, unconditionally; return that slot."""
-        self._expire(now_ms)
-        slot = self.shape.slot_of(now_ms)
-        self._counts[slot] = self._counts.get(slot, 0) + amount
+        slot = now_ms // self._slot_ms
+        if slot != self._current:
+            self._expire(slot)
+        counts = self._counts
+        counts[slot] = counts.get(slot, 0) + amount
         self._total += amount
         return slot
 
     def refund(self, now_ms: int, slot: int, amount: int) -> None:
         """Take back up to ``amount`` from ``slot``, if it is still in the window."""
-        self._expire(now_ms)
+        current = now_ms // self._slot_ms
+        if current != self._current:
+            self._expire(current)
         held = self._counts.get(slot, 0)
-        taken = min(held, amount)
+        taken = held if held < amount else amount
         if taken > 0:
             self._counts[slot] = held - taken
             self._total -= taken
@@ -125,12 +140,13 @@ class SlidingWindow:
         """How many slots are stored (at most ``S`` after expiry)."""
         return len(self._counts)
 
-    def _expire(self, now_ms: int) -> None:
-        """Drop the slots that have left the window."""
-        oldest_live = self.shape.slot_of(now_ms) - self.shape.slots + 1
+    def _expire(self, slot: int) -> None:
+        """Drop the slots that have left the window as of ``slot``, and remember ``slot``."""
+        self._current = slot
+        oldest_live = slot - self._slots + 1
         counts = self._counts
         while counts:
-            slot = next(iter(counts))
-            if slot >= oldest_live:
+            first = next(iter(counts))
+            if first >= oldest_live:
                 return
-            self._total -= counts.pop(slot)
+            self._total -= counts.pop(first)
