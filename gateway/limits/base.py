@@ -9,12 +9,17 @@ verdict here is what gives both backends the same answers, messages and headers.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.limits.errors import LimitName, RateLimited
-from gateway.limits.headers import Dimension, Usage, format_duration, refusal_headers
-from gateway.limits.headers import usage_headers as _usage_headers
+from gateway.limits.headers import (
+    Dimension,
+    ResetTexts,
+    Usage,
+    add_usage,
+    format_duration,
+    refusal_headers,
+)
 from gateway.limits.spec import LimitSpec
 
 _UNITS: dict[LimitName, str] = {
@@ -24,13 +29,13 @@ _UNITS: dict[LimitName, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
+class Check(NamedTuple):
     """One limited dimension, measured just before the admission would count.
 
     ``used`` excludes this request's ``cost``; ``retry_ms`` is how long until ``cost`` fits
     (0 when it fits now); ``reset_ms`` is how long until the window is empty as things stand,
-    ``admitted_reset_ms`` the same if this request is counted.
+    ``admitted_reset_ms`` the same if this request is counted. (A named tuple: immutable, and
+    built in one call where a frozen dataclass sets each field through ``object.__setattr__``.)
     """
 
     dimension: LimitName
@@ -47,20 +52,31 @@ class Check:
         return self.used + self.cost <= self.limit
 
 
-def usage_headers(checks: list[Check], admitted: bool) -> dict[str, str]:
-    """The ``x-ratelimit-*`` headers, counting this request only if it was admitted."""
-    return _usage_headers(_usages(checks, admitted))
+def admitted_headers(checks: list[Check], texts: ResetTexts) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers of an admitted request, this request counted."""
+    headers: dict[str, str] = {}
+    for check in checks:
+        if check.dimension != "concurrency":  # no OpenAI header for it
+            reset = texts.text(check.admitted_reset_ms)
+            add_usage(headers, check.dimension, check.limit, check.used + check.cost, reset)
+    return headers
 
 
-def verdict(key: str, checks: list[Check]) -> RateLimited | dict[str, str]:
+def verdict(key: str, checks: list[Check], texts: ResetTexts) -> RateLimited | dict[str, str]:
     """Return the admitted request's headers, or the refusal when any check does not fit.
 
     The refusal names the first full dimension (requests, tokens, concurrency) and waits for
     the slowest of the full ones, so a retry after ``retry_after_s`` fits every one of them.
     """
+    for check in checks:
+        if not check.fits:
+            return refusal(key, checks)
+    return admitted_headers(checks, texts)
+
+
+def refusal(key: str, checks: list[Check]) -> RateLimited:
+    """The :class:`RateLimited` for checks of which at least one does not fit."""
     full = [check for check in checks if not check.fits]
-    if not full:
-        return usage_headers(checks, admitted=True)
     retry_after_s = max(check.retry_ms for check in full) / 1000
     first = full[0]
     message = (
@@ -68,21 +84,16 @@ def verdict(key: str, checks: list[Check]) -> RateLimited | dict[str, str]:
         f"Used {first.used}, Requested {first.cost}. "
         f"Please try again in {format_duration(round(retry_after_s * 1000))}."
     )
-    headers = refusal_headers(_usages(checks, admitted=False), retry_after_s)
+    headers = refusal_headers(_usages(checks), retry_after_s)
     return RateLimited(message, first.dimension, retry_after_s, headers)
 
 
-def _usages(checks: list[Check], admitted: bool) -> dict[Dimension, Usage]:
-    """Per-minute dimensions as header usages (concurrency has no OpenAI header)."""
+def _usages(checks: list[Check]) -> dict[Dimension, Usage]:
+    """Per-minute dimensions as a refusal's header usages (concurrency has no OpenAI header)."""
     usages: dict[Dimension, Usage] = {}
     for check in checks:
-        if check.dimension == "concurrency":
-            continue
-        if admitted:
-            usage = Usage(check.limit, check.used + check.cost, check.admitted_reset_ms)
-        else:
-            usage = Usage(check.limit, check.used, check.reset_ms)
-        usages[check.dimension] = usage
+        if check.dimension != "concurrency":
+            usages[check.dimension] = Usage(check.limit, check.used, check.reset_ms)
     return usages
 
 

@@ -25,11 +25,6 @@ class Usage:
     used: int
     reset_ms: int
 
-    @property
-    def remaining(self) -> int:
-        """What is left in the window, never negative."""
-        return max(0, self.limit - self.used)
-
 
 def format_duration(ms: int) -> str:
     """Render milliseconds like Go's ``time.Duration``: ``0s``, ``250ms``, ``1.5s``, ``6m0s``."""
@@ -47,13 +42,58 @@ def format_duration(ms: int) -> str:
     return f"{seconds}s"
 
 
+#: each dimension's header names: limit, remaining, reset
+HEADER_NAMES: dict[Dimension, tuple[str, str, str]] = {
+    dimension: (
+        f"x-ratelimit-limit-{dimension}",
+        f"x-ratelimit-remaining-{dimension}",
+        f"x-ratelimit-reset-{dimension}",
+    )
+    for dimension in ("requests", "tokens")
+}
+
+
+def add_usage(
+    headers: dict[str, str], dimension: Dimension, limit: int, used: int, reset: str
+) -> None:
+    """Write one dimension's three headers (remaining never below 0); ``reset`` is formatted."""
+    limit_name, remaining_name, reset_name = HEADER_NAMES[dimension]
+    headers[limit_name] = str(limit)
+    headers[remaining_name] = str(limit - used) if used < limit else "0"
+    headers[reset_name] = reset
+
+
+class ResetTexts:
+    """``format_duration`` of an admitted request's reset, remembered per value.
+
+    An admitted request resets its windows when the slot it was counted in leaves, between
+    ``window - slot`` and ``window`` milliseconds from now: at most ``slot_ms`` distinct
+    values (1,000 with the default shape), so after a warm-up every admission finds its text
+    here instead of formatting it. ``bound`` caps the memory for a shape with long slots.
+    """
+
+    __slots__ = ("_bound", "_texts")
+
+    def __init__(self, bound: int = 4096) -> None:
+        self._bound = bound
+        self._texts: dict[int, str] = {}
+
+    def text(self, ms: int) -> str:
+        """The same as ``format_duration(ms)``."""
+        texts = self._texts
+        if ms in texts:
+            return texts[ms]
+        text = format_duration(ms)
+        if len(texts) < self._bound:
+            texts[ms] = text
+        return text
+
+
 def usage_headers(usages: dict[Dimension, Usage]) -> dict[str, str]:
     """The ``x-ratelimit-*`` headers for the limited dimensions, in OpenAI's format."""
     headers: dict[str, str] = {}
     for dimension, usage in usages.items():
-        headers[f"x-ratelimit-limit-{dimension}"] = str(usage.limit)
-        headers[f"x-ratelimit-remaining-{dimension}"] = str(usage.remaining)
-        headers[f"x-ratelimit-reset-{dimension}"] = format_duration(usage.reset_ms)
+        add_usage(headers, dimension, usage.limit, usage.used, format_duration(usage.reset_ms))
     return headers
 
 

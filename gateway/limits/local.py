@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from gateway.limits.base import Admission, Check, TokenLedger, UnlimitedAdmission, verdict
-from gateway.limits.errors import RateLimited
+from gateway.limits.base import Admission, Check, TokenLedger, UnlimitedAdmission, refusal
+from gateway.limits.headers import ResetTexts, add_usage
 from gateway.limits.spec import LimitSpec
 from gateway.limits.window import SlidingWindow, WindowShape
 
@@ -55,6 +55,9 @@ class LocalLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._shape = WindowShape.of(window_s, slots)
+        self._window_ms = self._shape.window_ms
+        self._slot_ms = self._shape.slot_ms
+        self._reset_texts = ResetTexts()
         self._concurrency_retry_ms = round(concurrency_retry_after_s * 1000)
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
@@ -73,23 +76,39 @@ class LocalLimiter:
         *,
         prompt_tokens: int = 0,
     ) -> Admission:
-        """Measure and count in one step; raise ``RateLimited`` when anything is full."""
+        """Measure and count in one step; raise ``RateLimited`` when anything is full.
+
+        Each limited window is measured once (and expired at most once); only a refusal
+        works out every dimension's ``Retry-After`` and reset (``_checks``).
+        """
         if spec.unlimited:
             return UnlimitedAdmission()
         now_ms = self.now_ms()
         bucket = self._buckets.get(key) or self._buckets.setdefault(key, _Bucket(self._shape))
         reserve = clamp_reservation(spec, reserve_tokens)
-        takes_stream = stream and spec.concurrent_streams is not None
-        checks = self._checks(bucket, spec, reserve, takes_stream, now_ms)
-        outcome = verdict(key, checks)
-        if isinstance(outcome, RateLimited):
-            raise outcome
-        if spec.requests_per_minute is not None:
+        rpm, tpm, cap = spec.requests_per_minute, spec.tokens_per_minute, spec.concurrent_streams
+        takes_stream = stream and cap is not None
+        requests_used = 0 if rpm is None else bucket.requests.used(now_ms)
+        tokens_used = 0 if tpm is None else bucket.tokens.used(now_ms)
+        if (  # the same test as each Check.fits: used + cost <= limit
+            (rpm is not None and requests_used + 1 > rpm)
+            or (tpm is not None and tokens_used + reserve > tpm)
+            or (cap is not None and stream and bucket.streams + 1 > cap)
+        ):
+            raise refusal(key, self._checks(bucket, spec, reserve, takes_stream, now_ms))
+        # counted now, every window resets when the current slot leaves it
+        reset = self._reset_texts.text(self._window_ms - now_ms % self._slot_ms)
+        headers: dict[str, str] = {}
+        if rpm is not None:
             bucket.requests.add(now_ms, 1)
-        slot = bucket.tokens.add(now_ms, reserve) if spec.tokens_per_minute is not None else 0
+            add_usage(headers, "requests", rpm, requests_used + 1, reset)
+        slot = 0
+        if tpm is not None:
+            slot = bucket.tokens.add(now_ms, reserve)
+            add_usage(headers, "tokens", tpm, tokens_used + reserve, reset)
         bucket.streams += takes_stream
         ledger = TokenLedger(reserve, slot, prompt_tokens)
-        return LocalAdmission(self, bucket, spec.tokens_per_minute, ledger, takes_stream, outcome)
+        return LocalAdmission(self, bucket, tpm, ledger, takes_stream, headers)
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -215,8 +234,9 @@ class LocalAdmission(Admission):
         delta = self._ledger.settle_delta(actual_tokens)
         now_ms = self._limiter.now_ms()
         if delta < 0:
+            reserved = self._ledger.reserved
             self._bucket.tokens.refund(
-                now_ms, self._ledger.slot, min(-delta, self._ledger.reserved)
+                now_ms, self._ledger.slot, -delta if -delta < reserved else reserved
             )
         elif delta > 0:
             self._bucket.tokens.add(now_ms, delta)

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from gateway.limits import redis_scripts
 from gateway.limits.base import Admission, Check, TokenLedger, UnlimitedAdmission, verdict
 from gateway.limits.errors import BackendUnavailable, RateLimited
+from gateway.limits.headers import ResetTexts
 from gateway.limits.local import clamp_reservation
 from gateway.limits.spec import LimitSpec
 from gateway.limits.window import WindowShape
@@ -144,6 +145,7 @@ class RedisLimiter:
         self._refresh_script = self._redis.register_script(redis_scripts.REFRESH)
         self._fail_open = on_backend_error == "fail_open"
         self._shape = WindowShape.of(window_s, slots)
+        self._reset_texts = ResetTexts()
         self._lease_ms = round(lease_s * 1000)
         self._deadline_s = pool_timeout_s + 2 * op_timeout_s
         self._probe_timeout_s = 2 * op_timeout_s
@@ -190,7 +192,7 @@ class RedisLimiter:
             reply = await self._admit_once(keys, args, reserve, slot_id)
         except _BackendDown:
             return self._unavailable()
-        outcome = verdict(key, self._checks(spec, reserve, slot_id, reply))
+        outcome = verdict(key, self._checks(spec, reserve, slot_id, reply), self._reset_texts)
         assert bool(reply.admitted) is not isinstance(outcome, RateLimited), "Lua/Python differ"
         if isinstance(outcome, RateLimited):
             raise outcome
