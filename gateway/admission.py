@@ -16,10 +16,11 @@ from it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from .app_state import Components
-from .config import Team, TeamKey, named_key
+from .config import Team, TeamKey, TeamLimits, named_key
 from .context import RequestContext
 from .errors import RateLimitExceeded, ServiceUnavailable
 from .limits import (
@@ -155,14 +156,9 @@ async def _admit_team(
     admissions: list[Admission] = []
     try:
         for bucket, limits in specs:
-            spec = LimitSpec(
-                requests_per_minute=limits.requests_per_minute,
-                tokens_per_minute=limits.tokens_per_minute,
-                concurrent_streams=limits.concurrent_streams,
-            )
             admissions.append(
                 await comp.limiter.admit(
-                    bucket, spec, reserve, ctx.stream, prompt_tokens=prompt_tokens
+                    bucket, _spec_of(limits), reserve, ctx.stream, prompt_tokens=prompt_tokens
                 )
             )
     except RateLimited as limited:
@@ -177,3 +173,14 @@ async def _admit_team(
             headers={"Retry-After": "1"},
         ) from None
     return admissions
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_of(limits: TeamLimits) -> LimitSpec:
+    """The limiter's spec for configured limits, built once per distinct value (the configs'
+    structs are frozen, so equal limits share one spec, across reloads too)."""
+    return LimitSpec(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        concurrent_streams=limits.concurrent_streams,
+    )
