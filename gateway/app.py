@@ -233,12 +233,12 @@ def _account(request: web.Request, ctx: RequestContext, duration_ms: float) -> N
     ending = conclude(ctx)
     comp = request.app.get(COMPONENTS)
     if comp is not None:
-        metrics = comp.metrics
-        metrics.requests.labels(ctx.team, ctx.model, ctx.upstream, str(ending.status)).inc()
+        children = comp.metrics.children[ctx.team, ctx.model, ctx.upstream]
+        children.requests[ending.status].inc()
         if ending.end == "client_disconnect":
             # whether or not its answer had begun: clients giving up on a slow first token
             # are the disconnects an operator most needs to see
-            metrics.client_disconnects.labels(ctx.team, ctx.model).inc()
+            children.client_disconnects.inc()
     log.info("request", method=request.method, path=request.path, **ctx.log_fields(duration_ms))
 
 
