@@ -2,7 +2,8 @@
 
 A request's route through the middlewares, in the order they run:
 
-    1. request_context  request id (x-request-id), contextvars, RequestContext; in `finally`
+    1. request_context  request id (x-request-id), contextvars, RequestContext, the app's
+                        Components under REQUEST_COMPONENTS (looked up once); in `finally`
                         how the request ended (gateway.outcome, decided once), its metrics
                         and its one canonical log line
     2. errors           GatewayError and aiohttp's HTTP errors -> OpenAI-shaped JSON; inside
@@ -34,7 +35,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .app_state import COMPONENTS, CTX, TEAM, Components
+from .app_state import COMPONENTS, CTX, REQUEST_COMPONENTS, TEAM, Components
 from .auth import Authenticator
 from .balancer import Balancer
 from .config import Settings, Upstream, named_key
@@ -191,9 +192,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request[CTX] = ctx
     if request.path in PUBLIC_PATHS:
         return _close_if_body_unread(request, await handler(request))
+    comp = request[REQUEST_COMPONENTS] = request.app[COMPONENTS]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
-        lifecycle = request.app[COMPONENTS].lifecycle
+        lifecycle = comp.lifecycle
         task = lifecycle.track()
         try:
             response = _close_if_body_unread(request, await handler(request))
@@ -205,7 +207,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         ctx.client_left = True  # aiohttp cancels the handler of a client that left
         raise
     finally:
-        _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
+        _account(comp, request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
         structlog.contextvars.unbind_contextvars("request_id")
 
 
@@ -228,17 +230,17 @@ def _new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _account(request: web.Request, ctx: RequestContext, duration_ms: float) -> None:
+def _account(
+    comp: Components, request: web.Request, ctx: RequestContext, duration_ms: float
+) -> None:
     """How the request ended, decided once (gateway.outcome), into its metrics and log line."""
     ending = conclude(ctx)
-    comp = request.app.get(COMPONENTS)
-    if comp is not None:
-        children = comp.metrics.children[ctx.team, ctx.model, ctx.upstream]
-        children.requests[ending.status].inc()
-        if ending.end == "client_disconnect":
-            # whether or not its answer had begun: clients giving up on a slow first token
-            # are the disconnects an operator most needs to see
-            children.client_disconnects.inc()
+    children = comp.metrics.children[ctx.team, ctx.model, ctx.upstream]
+    children.requests[ending.status].inc()
+    if ending.end == "client_disconnect":
+        # whether or not its answer had begun: clients giving up on a slow first token
+        # are the disconnects an operator most needs to see
+        children.client_disconnects.inc()
     log.info("request", method=request.method, path=request.path, **ctx.log_fields(duration_ms))
 
 
@@ -247,8 +249,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx: RequestContext = request[CTX]
     try:
         if request.path not in PUBLIC_PATHS:
-            refuse_while_draining(request)
-            authenticate(request, ctx)
+            comp = request[REQUEST_COMPONENTS]
+            refuse_while_draining(comp)
+            authenticate(comp, request, ctx)
         return await handler(request)
     except GatewayError as error:
         drop_tracebacks(error)  # raised from a frame that held it: no cycle left behind
@@ -275,8 +278,8 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return BadRequest(exc.reason or "Bad request", code=f"http_{exc.status}", status=exc.status)
 
 
-def refuse_while_draining(request: web.Request) -> None:
-    if request.app[COMPONENTS].lifecycle.draining:
+def refuse_while_draining(comp: Components) -> None:
+    if comp.lifecycle.draining:
         raise ServiceUnavailable(
             "The gateway is shutting down; retry on another replica.",
             code="draining",
@@ -284,9 +287,9 @@ def refuse_while_draining(request: web.Request) -> None:
         )
 
 
-def authenticate(request: web.Request, ctx: RequestContext) -> None:
+def authenticate(comp: Components, request: web.Request, ctx: RequestContext) -> None:
     """Name the request's team from its key (Unauthorized, a 401, for a bad one)."""
-    found = request.app[COMPONENTS].auth.identify(request.headers.get("Authorization"))
+    found = comp.auth.identify(request.headers.get("Authorization"))
     if found is not None:
         team, key = found
         request[TEAM] = team

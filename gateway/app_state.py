@@ -123,4 +123,16 @@ class Components:
 COMPONENTS = web.AppKey("components", Components)
 CTX = web.RequestKey("ctx", RequestContext)
 TEAM = web.RequestKey("team", Team)
-__all__ = ["COMPONENTS", "CTX", "TEAM", "ClientTimeouts", "Components", "Lifecycle", "Team"]
+#: the app's COMPONENTS, fetched once by the first middleware for the rest of the request
+#: (`request.app[COMPONENTS]` is three calls through aiohttp's properties each time)
+REQUEST_COMPONENTS = web.RequestKey("components", Components)
+__all__ = [
+    "COMPONENTS",
+    "CTX",
+    "REQUEST_COMPONENTS",
+    "TEAM",
+    "ClientTimeouts",
+    "Components",
+    "Lifecycle",
+    "Team",
+]
