@@ -2,10 +2,11 @@
 
 A request's route through the middlewares, in the order they run:
 
-    1. request_context  request id (x-request-id), contextvars, RequestContext, the app's
-                        Components under REQUEST_COMPONENTS (looked up once); in `finally`
-                        how the request ended (gateway.outcome, decided once), its metrics
-                        and its one canonical log line
+    1. request_context  request id (x-request-id; gateway.logs.REQUEST_ID for the lines
+                        logged meanwhile), RequestContext, the app's Components under
+                        REQUEST_COMPONENTS (looked up once); in `finally` how the request
+                        ended (gateway.outcome, decided once), its metrics and its one
+                        canonical log line (Components.request_log)
     2. errors           GatewayError and aiohttp's HTTP errors -> OpenAI-shaped JSON; inside
                         it, for every path but PUBLIC_PATHS (the explicit allow-list):
                         a. refuse_while_draining: after SIGTERM, 503 for new requests
@@ -50,6 +51,7 @@ from .errors import (
     error_response,
 )
 from .limits import InflightGate, create_limiter
+from .logs import REQUEST_ID
 from .metrics import GatewayMetrics
 from .model_catalog import ModelCatalog
 from .outcome import conclude
@@ -193,7 +195,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     if request.path in PUBLIC_PATHS:
         return _close_if_body_unread(request, await handler(request))
     comp = request[REQUEST_COMPONENTS] = request.app[COMPONENTS]
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    bound = REQUEST_ID.set(request_id)
     try:
         lifecycle = comp.lifecycle
         task = lifecycle.track()
@@ -208,7 +210,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         raise
     finally:
         _account(comp, request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
-        structlog.contextvars.unbind_contextvars("request_id")
+        REQUEST_ID.reset(bound)
 
 
 def _close_if_body_unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
@@ -241,7 +243,9 @@ def _account(
         # whether or not its answer had begun: clients giving up on a slow first token
         # are the disconnects an operator most needs to see
         children.client_disconnects.inc()
-    log.info("request", method=request.method, path=request.path, **ctx.log_fields(duration_ms))
+    comp.request_log.info(
+        "request", method=request.method, path=request.path, **ctx.log_fields(duration_ms)
+    )
 
 
 @web.middleware

@@ -18,6 +18,7 @@ from .balancer import Balancer
 from .config import Settings, Team
 from .context import RequestContext
 from .limits import InflightGate, Limiter
+from .logs import request_logger
 from .metrics import GatewayMetrics
 from .response_routes import ResponseRoutes
 from .routing import Router
@@ -118,6 +119,9 @@ class Components:
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     #: which upstream created each Responses API response the gateway relayed
     responses: ResponseRoutes = field(default_factory=ResponseRoutes)
+    #: the logger of the request line, resolved once, after logging was configured
+    #: (gateway.logs.request_logger)
+    request_log: Any = field(default_factory=request_logger)
 
 
 COMPONENTS = web.AppKey("components", Components)
