@@ -95,8 +95,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/gateway/usage", usage)
     app.router.add_route("*", "/v1/{tail:.*}", handle)
-    app.on_response_prepare.append(_add_request_id)
-    app.on_response_prepare.append(_name_the_server)
+    app.on_response_prepare.append(_stamp_answer)
     return app
 
 
@@ -336,13 +335,11 @@ def _dumps(obj: object) -> str:
     return orjson.dumps(obj).decode()
 
 
-async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    """`Server: llm-stream-gateway`, not aiohttp's default that names Python's and its own
-    version (set before this hook runs; the head is written after it)."""
-    response.headers[hdrs.SERVER] = SERVER_NAME
-
-
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def _stamp_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """The request's `x-request-id`, and `Server: llm-stream-gateway`, not aiohttp's default
+    that names Python's and its own version (set before this hook runs; the head is written
+    after it). One hook, not two: each is a coroutine run for every answer."""
     ctx: RequestContext | None = request.get(CTX)
     if ctx is not None:
         response.headers["x-request-id"] = ctx.request_id
+    response.headers[hdrs.SERVER] = SERVER_NAME
