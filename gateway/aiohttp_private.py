@@ -137,7 +137,7 @@ def set_idle_timeout(server: web.Server | None, idle_s: float) -> bool:
 def name_own_answers(name: str) -> bool:
     """`Server: <name>` on the answers aiohttp writes itself, not only the app's.
 
-    Every answer of the app gets it from app._name_the_server (`on_response_prepare`); a
+    Every answer of the app gets it from app._stamp_answer (`on_response_prepare`); a
     request aiohttp cannot parse is answered (400) before any route matched, so no hook of the
     app runs and aiohttp's default names Python's version and its own. That default is the
     private module global `aiohttp.web_response.SERVER_SOFTWARE`, replaced here for the

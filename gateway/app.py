@@ -2,9 +2,11 @@
 
 A request's route through the middlewares, in the order they run:
 
-    1. request_context  request id (x-request-id), contextvars, RequestContext; in `finally`
-                        how the request ended (gateway.outcome, decided once), its metrics
-                        and its one canonical log line
+    1. request_context  request id (x-request-id; gateway.logs.REQUEST_ID for the lines
+                        logged meanwhile), RequestContext, the app's Components under
+                        REQUEST_COMPONENTS (looked up once); in `finally` how the request
+                        ended (gateway.outcome, decided once), its metrics and its one
+                        canonical log line (Components.request_log)
     2. errors           GatewayError and aiohttp's HTTP errors -> OpenAI-shaped JSON; inside
                         it, for every path but PUBLIC_PATHS (the explicit allow-list):
                         a. refuse_while_draining: after SIGTERM, 503 for new requests
@@ -34,7 +36,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .app_state import COMPONENTS, CTX, TEAM, Components
+from .app_state import COMPONENTS, CTX, REQUEST_COMPONENTS, TEAM, Components
 from .auth import Authenticator
 from .balancer import Balancer
 from .config import Settings, Upstream, named_key
@@ -49,6 +51,7 @@ from .errors import (
     error_response,
 )
 from .limits import InflightGate, create_limiter
+from .logs import REQUEST_ID
 from .metrics import GatewayMetrics
 from .model_catalog import ModelCatalog
 from .outcome import conclude
@@ -92,8 +95,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/gateway/usage", usage)
     app.router.add_route("*", "/v1/{tail:.*}", handle)
-    app.on_response_prepare.append(_add_request_id)
-    app.on_response_prepare.append(_name_the_server)
+    app.on_response_prepare.append(_stamp_answer)
     return app
 
 
@@ -191,9 +193,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request[CTX] = ctx
     if request.path in PUBLIC_PATHS:
         return _close_if_body_unread(request, await handler(request))
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    comp = request[REQUEST_COMPONENTS] = request.app[COMPONENTS]
+    bound = REQUEST_ID.set(request_id)
     try:
-        lifecycle = request.app[COMPONENTS].lifecycle
+        lifecycle = comp.lifecycle
         task = lifecycle.track()
         try:
             response = _close_if_body_unread(request, await handler(request))
@@ -205,8 +208,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         ctx.client_left = True  # aiohttp cancels the handler of a client that left
         raise
     finally:
-        _account(request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
-        structlog.contextvars.unbind_contextvars("request_id")
+        _account(comp, request, ctx, (time.perf_counter() - ctx.started) * 1000.0)
+        REQUEST_ID.reset(bound)
 
 
 def _close_if_body_unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
@@ -228,18 +231,20 @@ def _new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _account(request: web.Request, ctx: RequestContext, duration_ms: float) -> None:
+def _account(
+    comp: Components, request: web.Request, ctx: RequestContext, duration_ms: float
+) -> None:
     """How the request ended, decided once (gateway.outcome), into its metrics and log line."""
     ending = conclude(ctx)
-    comp = request.app.get(COMPONENTS)
-    if comp is not None:
-        metrics = comp.metrics
-        metrics.requests.labels(ctx.team, ctx.model, ctx.upstream, str(ending.status)).inc()
-        if ending.end == "client_disconnect":
-            # whether or not its answer had begun: clients giving up on a slow first token
-            # are the disconnects an operator most needs to see
-            metrics.client_disconnects.labels(ctx.team, ctx.model).inc()
-    log.info("request", method=request.method, path=request.path, **ctx.log_fields(duration_ms))
+    children = comp.metrics.children[ctx.team, ctx.model, ctx.upstream]
+    children.requests[ending.status].inc()
+    if ending.end == "client_disconnect":
+        # whether or not its answer had begun: clients giving up on a slow first token
+        # are the disconnects an operator most needs to see
+        children.client_disconnects.inc()
+    comp.request_log.info(
+        "request", method=request.method, path=request.path, **ctx.log_fields(duration_ms)
+    )
 
 
 @web.middleware
@@ -247,8 +252,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx: RequestContext = request[CTX]
     try:
         if request.path not in PUBLIC_PATHS:
-            refuse_while_draining(request)
-            authenticate(request, ctx)
+            comp = request[REQUEST_COMPONENTS]
+            refuse_while_draining(comp)
+            authenticate(comp, request, ctx)
         return await handler(request)
     except GatewayError as error:
         drop_tracebacks(error)  # raised from a frame that held it: no cycle left behind
@@ -275,8 +281,8 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return BadRequest(exc.reason or "Bad request", code=f"http_{exc.status}", status=exc.status)
 
 
-def refuse_while_draining(request: web.Request) -> None:
-    if request.app[COMPONENTS].lifecycle.draining:
+def refuse_while_draining(comp: Components) -> None:
+    if comp.lifecycle.draining:
         raise ServiceUnavailable(
             "The gateway is shutting down; retry on another replica.",
             code="draining",
@@ -284,9 +290,9 @@ def refuse_while_draining(request: web.Request) -> None:
         )
 
 
-def authenticate(request: web.Request, ctx: RequestContext) -> None:
+def authenticate(comp: Components, request: web.Request, ctx: RequestContext) -> None:
     """Name the request's team from its key (Unauthorized, a 401, for a bad one)."""
-    found = request.app[COMPONENTS].auth.identify(request.headers.get("Authorization"))
+    found = comp.auth.identify(request.headers.get("Authorization"))
     if found is not None:
         team, key = found
         request[TEAM] = team
@@ -329,13 +335,11 @@ def _dumps(obj: object) -> str:
     return orjson.dumps(obj).decode()
 
 
-async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    """`Server: llm-stream-gateway`, not aiohttp's default that names Python's and its own
-    version (set before this hook runs; the head is written after it)."""
-    response.headers[hdrs.SERVER] = SERVER_NAME
-
-
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def _stamp_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """The request's `x-request-id`, and `Server: llm-stream-gateway`, not aiohttp's default
+    that names Python's and its own version (set before this hook runs; the head is written
+    after it). One hook, not two: each is a coroutine run for every answer."""
     ctx: RequestContext | None = request.get(CTX)
     if ctx is not None:
         response.headers["x-request-id"] = ctx.request_id
+    response.headers[hdrs.SERVER] = SERVER_NAME

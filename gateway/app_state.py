@@ -18,6 +18,7 @@ from .balancer import Balancer
 from .config import Settings, Team
 from .context import RequestContext
 from .limits import InflightGate, Limiter
+from .logs import request_logger
 from .metrics import GatewayMetrics
 from .response_routes import ResponseRoutes
 from .routing import Router
@@ -118,9 +119,24 @@ class Components:
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     #: which upstream created each Responses API response the gateway relayed
     responses: ResponseRoutes = field(default_factory=ResponseRoutes)
+    #: the logger of the request line, resolved once, after logging was configured
+    #: (gateway.logs.request_logger)
+    request_log: Any = field(default_factory=request_logger)
 
 
 COMPONENTS = web.AppKey("components", Components)
 CTX = web.RequestKey("ctx", RequestContext)
 TEAM = web.RequestKey("team", Team)
-__all__ = ["COMPONENTS", "CTX", "TEAM", "ClientTimeouts", "Components", "Lifecycle", "Team"]
+#: the app's COMPONENTS, fetched once by the first middleware for the rest of the request
+#: (`request.app[COMPONENTS]` is three calls through aiohttp's properties each time)
+REQUEST_COMPONENTS = web.RequestKey("components", Components)
+__all__ = [
+    "COMPONENTS",
+    "CTX",
+    "REQUEST_COMPONENTS",
+    "TEAM",
+    "ClientTimeouts",
+    "Components",
+    "Lifecycle",
+    "Team",
+]

@@ -6,7 +6,8 @@ the relay's whole plan (the meter behind the batch, the live counters and budget
 gap histogram, the budget cut, the check that a completion stream was not cut short). `settle`
 takes the final tally (the upstream's usage when it sent one), records the metrics that only
 the end knows, and returns the unused token reservation. Metric children are looked up once per
-request, never per chunk. A stream's meter is fed through the process's `MeterBatch`
+label values (`metrics.RequestChildren`): a request reaches them with one subscript, never per
+chunk. A stream's meter is fed through the process's `MeterBatch`
 (gateway.meter_batch): pieces are metered a few milliseconds after they went out, many streams
 at once, and `final_tally` meters what still waits before it reads the counts.
 """
@@ -25,7 +26,7 @@ from .context import RequestContext
 from .errors import GatewayError, UpstreamError, stream_error_event
 from .limits import Admission
 from .meter import MAX_EVENT_BYTES, JsonMeter, ResponsesMeter, StreamMeter, Tally
-from .metrics import BatchedObserver, finish_reason_label
+from .metrics import BatchedObserver, RequestChildren
 from .relay import Observer, RelayPlan
 from .routing import RouteMatch
 from .spend import Bill
@@ -95,8 +96,10 @@ class Ledger:
         "_gaps",
         "_settled",
         "_stream_started",
+        "_tally",
         "admitted",
         "bill",
+        "children",
         "comp",
         "ctx",
         "live",
@@ -123,6 +126,10 @@ class Ledger:
         self._gaps: BatchedObserver | None = None
         self._settled = False
         self.bill: Bill | None = None
+        #: the final tally, once taken (see `final_tally`)
+        self._tally: Tally | None = None
+        #: the metric children of this request's labels, once it has its upstream (`plan`)
+        self.children: RequestChildren | None = None
 
     # -- the answer ---------------------------------------------------------------------------
 
@@ -140,6 +147,8 @@ class Ledger:
         hides the usage-only event; a client that asked for usage gets the stream unchanged.
         """
         comp, ctx = self.comp, self.ctx
+        children = comp.metrics.children[ctx.team, ctx.model, opened.upstream.name]
+        self.children = children
         content_type = opened.response.headers.get("Content-Type", "")
         sse = content_type.startswith("text/event-stream")
         ctx.stream = sse
@@ -150,20 +159,17 @@ class Ledger:
         plan.sse = sse
         plan.client_transport = transport
         if sse:
-            comp.metrics.ttft.labels(ctx.model, opened.upstream.name).observe(ctx.ttft_ms / 1000)
-            comp.metrics.active_streams.labels(ctx.team, ctx.model).inc()
-            self._gaps = comp.metrics.gaps(ctx.model)
+            children.ttft.observe(ctx.ttft_ms / 1000)
+            children.active_streams.inc()
+            self._gaps = children.gaps
             plan.on_chunk_gap = self._gaps.observe
             # a Responses API stream, by its path or by its first event (once per request)
             self.responses = self.responses or opened.first_chunk.startswith(_RESPONSES_STREAM)
             plan.error_event = self.error_event
         if not self.match.route.accounting or tail.startswith("responses/"):
             return plan  # (reading a stored response again is not a new answer to count)
-        tokens = comp.metrics.settled_tokens
         self.live = LiveCount(
-            tokens.labels(ctx.team, ctx.model, "completion"),
-            tokens.labels(ctx.team, ctx.model, "reasoning"),
-            self.admitted.admissions,
+            children.completion_tokens, children.reasoning_tokens, self.admitted.admissions
         )
         admitted = self.admitted
         self.bill = comp.spend.open(
@@ -261,11 +267,16 @@ class Ledger:
         )
 
     def final_tally(self) -> Tally | None:
-        """The meter's tally, every relayed piece metered (see gateway.meter_batch); idempotent."""
-        if self.meter is None:
-            return None
-        self.comp.metrics.batch.flush()
-        return self.meter.finish()
+        """The meter's tally, every relayed piece metered (see gateway.meter_batch).
+
+        Taken once, when the answer ended (the end check, the error-event check and `settle`
+        all ask): nothing is fed to the meter after that, so the first tally is the final one.
+        """
+        tally = self._tally
+        if tally is None and self.meter is not None:
+            self.comp.metrics.batch.flush()
+            tally = self._tally = self.meter.finish()
+        return tally
 
     def stream_tally(self) -> Tally | None:
         """`final_tally` of a streamed answer; None for a JSON one or with accounting off."""
@@ -296,37 +307,33 @@ class Ledger:
             ctx.cost_usd = round(cost, 12)
 
     def _record(self, tally: Tally) -> None:
-        ctx, metrics = self.ctx, self.comp.metrics
+        ctx, children = self.ctx, self.children
+        assert children is not None  # a meter is planned with the children (`plan`)
         ctx.prompt_tokens = tally.prompt_tokens
         ctx.completion_tokens = tally.completion_tokens
         ctx.reasoning_tokens = tally.reasoning_tokens
         ctx.usage_source = tally.usage_source
         ctx.chunks = tally.chunks
         ctx.metered_finish = tally.finish_reason
-        metrics.tokens.labels(ctx.team, ctx.model, "prompt").inc(tally.prompt_tokens)
+        children.prompt_tokens.inc(tally.prompt_tokens)
         live_completion = self.live.completion if self.live else 0
         live_reasoning = self.live.reasoning if self.live else 0
-        tokens = metrics.settled_tokens  # an overcount is paid off later (gateway.debt)
-        tokens.labels(ctx.team, ctx.model, "completion").settle(
-            tally.completion_tokens, live_completion
-        )
-        tokens.labels(ctx.team, ctx.model, "reasoning").settle(
-            tally.reasoning_tokens, live_reasoning
-        )
+        # an overcount is paid off later (gateway.debt)
+        children.completion_tokens.settle(tally.completion_tokens, live_completion)
+        children.reasoning_tokens.settle(tally.reasoning_tokens, live_reasoning)
         if self.admitted.rates is None:
             unpriced = tally.prompt_tokens + tally.completion_tokens
-            metrics.unpriced_tokens.labels(ctx.model).inc(unpriced)
+            children.unpriced_tokens.inc(unpriced)
         for reason in tally.finish_reasons or (None,):
-            metrics.finish_reasons.labels(ctx.model, finish_reason_label(reason)).inc()
+            children.finish_reasons[reason].inc()
         if tally.usage_source == "upstream":
-            metrics.usage_estimated.labels(ctx.model).inc(tally.estimated_completion)
-            metrics.usage_upstream.labels(ctx.model).inc(tally.completion_tokens)
+            children.usage_estimated.inc(tally.estimated_completion)
+            children.usage_upstream.inc(tally.completion_tokens)
         if tally.decode_errors:
-            metrics.decode_errors.labels(ctx.model).inc(tally.decode_errors)
+            children.decode_errors.inc(tally.decode_errors)
         if tally.cached_prompt_tokens is not None:
             ctx.cached_prompt_tokens = tally.cached_prompt_tokens
-            cached_prompt = metrics.tokens.labels(ctx.team, ctx.model, "cached_prompt")
-            cached_prompt.inc(tally.cached_prompt_tokens)
+            children.cached_prompt_tokens.inc(tally.cached_prompt_tokens)
         if tally.oversized_events:
             structlog.get_logger("gateway").error(
                 "sse_event_too_large",
@@ -338,9 +345,8 @@ class Ledger:
     def _record_stream_end(self) -> None:
         if self._gaps is not None:
             self._gaps.flush()
-        if self._stream_started is None or not self.ctx.stream:
+        children = self.children
+        if self._stream_started is None or not self.ctx.stream or children is None:
             return
-        ctx, metrics = self.ctx, self.comp.metrics
-        metrics.active_streams.labels(ctx.team, ctx.model).dec()
-        duration = time.perf_counter() - ctx.started
-        metrics.stream_duration.labels(ctx.model, ctx.upstream).observe(duration)
+        children.active_streams.dec()
+        children.stream_duration.observe(time.perf_counter() - self.ctx.started)

@@ -2,15 +2,24 @@
 
 One canonical line per request (see gateway.app.request_context); no line per chunk, never a
 key or prompt text.
+
+The request line is the one line every request writes, so it has a logger of its own
+(`request_logger`), resolved once, with the shortest chain that writes the same line: the
+level and the timestamp in one processor, then the renderer. It skips what the other lines
+need: the request id from the context (the line carries it in its fields) and
+`format_exc_info` (it has no exception). Every other line, logged during a request or not,
+gets the request id from `REQUEST_ID`, set by the first middleware.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import datetime
 import logging
 import sys
 import threading
+from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -101,30 +110,77 @@ def _line_buffer(*_: Any) -> LineBuffer:
 _buffer: LineBuffer | None = None
 
 
+#: the id of the request being handled, on every line logged during it (`add_request_id`)
+REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+#: the method names structlog's add_log_level renames
+_LEVELS = {"warn": "warning", "exception": "error"}
+_UTC = datetime.UTC
+
+
+def add_request_id(_: Any, __: str, event_dict: structlog.typing.EventDict) -> Any:
+    """The request id of the request being handled, unless the line names one."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+    return event_dict
+
+
+def add_level_and_time(_: Any, method_name: str, event_dict: structlog.typing.EventDict) -> Any:
+    """structlog's `add_log_level` and `TimeStamper(fmt="iso", utc=True)` in one call: the
+    same `level` and `timestamp`."""
+    event_dict["level"] = _LEVELS.get(method_name, method_name)
+    stamp = datetime.datetime.now(tz=_UTC).isoformat()
+    event_dict["timestamp"] = stamp.replace("+00:00", "Z")
+    return event_dict
+
+
+#: what `request_logger` builds its logger from: set by configure_logging
+_request_setup: tuple[Any, list[structlog.typing.Processor], Any] | None = None
+
+
 def configure_logging(fmt: LogFormat = "json", level: int = logging.INFO) -> None:
+    global _request_setup
     shared: list[structlog.typing.Processor] = [
+        add_request_id,
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_level_and_time,
     ]
+    wrapper_class = structlog.make_filtering_bound_logger(level)
+    renderer: structlog.typing.Processor
     if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         structlog.configure(
-            processors=[
-                *shared,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(serializer=orjson.dumps),
-            ],
-            wrapper_class=structlog.make_filtering_bound_logger(level),
+            processors=[*shared, structlog.processors.format_exc_info, renderer],
+            wrapper_class=wrapper_class,
             logger_factory=_line_buffer,
             cache_logger_on_first_use=True,
         )
+        _request_setup = (_line_buffer, [add_level_and_time, renderer], wrapper_class)
     else:
+        renderer = structlog.dev.ConsoleRenderer()
+        factory = structlog.PrintLoggerFactory(file=sys.stdout)
         structlog.configure(
-            processors=[*shared, structlog.dev.ConsoleRenderer()],
-            wrapper_class=structlog.make_filtering_bound_logger(level),
-            logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+            processors=[*shared, renderer],
+            wrapper_class=wrapper_class,
+            logger_factory=factory,
             cache_logger_on_first_use=True,
         )
+        _request_setup = (factory, [add_level_and_time, renderer], wrapper_class)
     # aiohttp and asyncio speak through stdlib logging: keep their warnings, drop access logs
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def request_logger() -> Any:
+    """The logger of the request line, resolved now (after configure_logging): keep it.
+
+    Under configure_logging, a bound logger with the request line's short chain (see the
+    module's docstring). Where logging was not configured so (tests, which capture
+    structlog's events with `capture_logs`), structlog's lazy proxy: it follows every
+    later `structlog.configure`."""
+    if _request_setup is None:
+        return structlog.get_logger("gateway")
+    factory, processors, wrapper_class = _request_setup
+    return structlog.wrap_logger(
+        factory(), processors=processors, wrapper_class=wrapper_class
+    ).bind()

@@ -8,11 +8,15 @@ Tests build a fresh `CollectorRegistry` each; the app builds one per process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .debt import DebtCounters
+from .debt import DebtCounter, DebtCounters
 from .meter_batch import FlushOnCollect, MeterBatch
-from .prometheus_private import KeptChildren, batch_adder
+from .prometheus_private import CHILD_CACHE_ENTRIES, KeptChildren, batch_adder
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 INTER_CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -182,6 +186,10 @@ class GatewayMetrics:
         #: live counters that settle to the upstream's usage (see gateway.debt)
         self.settled_tokens = DebtCounters(self.tokens)
         self.settled_cost = DebtCounters(self.cost_usd)
+        #: the children a request needs, per (team, model, upstream): `children[labels]`
+        self.children: Built[tuple[str, str, str], RequestChildren] = Built(
+            lambda labels: RequestChildren(self, *labels)
+        )
 
     def flush_pending(self) -> None:
         """Meter the waiting stream pieces and add the batched gaps now."""
@@ -240,3 +248,103 @@ class BatchedObserver:
         if self._values:
             self._add(self._values)
             self._values.clear()
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Built(dict[K, V]):
+    """A dict that builds a missing value from its key, once, and keeps it: a hit is a plain
+    subscript, no Python call (unlike `labels()`). It keeps at most `CHILD_CACHE_ENTRIES`
+    values (not reached with bounded labels), and only those whose key passes `keep`: past
+    that, it builds one each time."""
+
+    __slots__ = ("_build", "_keep")
+
+    def __init__(self, build: Callable[[K], V], keep: Callable[[K], bool] | None = None) -> None:
+        super().__init__()
+        self._build, self._keep = build, keep
+
+    def __missing__(self, key: K) -> V:
+        value = self._build(key)
+        if len(self) < CHILD_CACHE_ENTRIES and (self._keep is None or self._keep(key)):
+            self[key] = value
+        return value
+
+
+class RequestChildren:
+    """The metric children of the requests with one (team, model, upstream), resolved once.
+
+    A streamed request asks for about a dozen children; through this bundle each is an
+    attribute (or a subscript) after its first use. Each child is looked up on first use
+    only, as `labels()` would be: a series appears in /metrics once a request counted in it,
+    never earlier. Children that do not name a team or an upstream are the same objects in
+    every bundle that shares their labels (the metric keeps one child per label values).
+    """
+
+    def __init__(self, metrics: GatewayMetrics, team: str, model: str, upstream: str) -> None:
+        self._metrics = metrics
+        self.team, self.model, self.upstream = team, model, upstream
+        #: gateway_requests_total by final status code
+        self.requests: Built[int, Counter] = Built(
+            lambda status: metrics.requests.labels(team, model, upstream, str(status))
+        )
+        #: gateway_finish_reason_total by the finish_reason read (None: none); a reason
+        #: outside FINISH_REASONS (its label is `other`) is not kept: an upstream names it
+        self.finish_reasons: Built[str | None, Counter] = Built(
+            lambda reason: metrics.finish_reasons.labels(model, finish_reason_label(reason)),
+            lambda reason: reason is None or reason in FINISH_REASONS,
+        )
+
+    @cached_property
+    def client_disconnects(self) -> Counter:
+        return self._metrics.client_disconnects.labels(self.team, self.model)
+
+    @cached_property
+    def ttft(self) -> Histogram:
+        return self._metrics.ttft.labels(self.model, self.upstream)
+
+    @cached_property
+    def stream_duration(self) -> Histogram:
+        return self._metrics.stream_duration.labels(self.model, self.upstream)
+
+    @cached_property
+    def active_streams(self) -> Gauge:
+        return self._metrics.active_streams.labels(self.team, self.model)
+
+    @cached_property
+    def gaps(self) -> BatchedObserver:
+        return self._metrics.gaps(self.model)
+
+    @cached_property
+    def prompt_tokens(self) -> Counter:
+        return self._metrics.tokens.labels(self.team, self.model, "prompt")
+
+    @cached_property
+    def cached_prompt_tokens(self) -> Counter:
+        return self._metrics.tokens.labels(self.team, self.model, "cached_prompt")
+
+    @cached_property
+    def completion_tokens(self) -> DebtCounter:
+        return self._metrics.settled_tokens.labels(self.team, self.model, "completion")
+
+    @cached_property
+    def reasoning_tokens(self) -> DebtCounter:
+        return self._metrics.settled_tokens.labels(self.team, self.model, "reasoning")
+
+    @cached_property
+    def unpriced_tokens(self) -> Counter:
+        return self._metrics.unpriced_tokens.labels(self.model)
+
+    @cached_property
+    def usage_estimated(self) -> Counter:
+        return self._metrics.usage_estimated.labels(self.model)
+
+    @cached_property
+    def usage_upstream(self) -> Counter:
+        return self._metrics.usage_upstream.labels(self.model)
+
+    @cached_property
+    def decode_errors(self) -> Counter:
+        return self._metrics.decode_errors.labels(self.model)

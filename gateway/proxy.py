@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .admission import admit, enter_gate, leave_gate
-from .app_state import COMPONENTS, CTX, TEAM, Components
+from .app_state import CTX, REQUEST_COMPONENTS, TEAM, Components
 from .balancer import RoutePlan, affinity_key
 from .client_response import prepare_stream
 from .config import Route
@@ -59,7 +59,7 @@ CUT_WRITE_S = 1.0
 async def handle(request: web.Request) -> web.StreamResponse:
     """One request, start to end, in one coroutine: a stream holds this frame for its whole
     life, so the steps before the relay are not frames of their own."""
-    comp, ctx = request.app[COMPONENTS], request[CTX]
+    comp, ctx = request[REQUEST_COMPONENTS], request[CTX]
     try:
         parsed = await parse_request(request, comp.settings.max_request_bytes, comp.timeouts.body_s)
         ctx.requested_model = parsed.model
@@ -162,7 +162,10 @@ def _injected_body(comp: Components, route: Route, parsed: ParsedRequest) -> byt
     options = doc.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return None
-    if not any(comp.upstreams[name].settings.usage == "inject" for name in route.upstream_names):
+    for name in route.upstream_names:  # (a loop, not any(): no generator per request)
+        if comp.upstreams[name].settings.usage == "inject":
+            break
+    else:
         return None
     merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return orjson.dumps({**doc, "stream_options": merged})

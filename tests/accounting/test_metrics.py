@@ -74,3 +74,56 @@ def test_collecting_the_registry_adds_the_gaps_still_waiting() -> None:
         gaps.observe(0.01)
     count = metrics.registry.get_sample_value("gateway_inter_chunk_seconds_count", {"model": "m"})
     assert count == 3
+
+
+def series(metrics: GatewayMetrics) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every exported series (sample name and labels), values aside."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def test_request_children_are_the_metrics_own_children_kept_per_label_values() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    children = metrics.children["team-a", "m", "up-1"]
+    assert metrics.children["team-a", "m", "up-1"] is children
+    assert children.ttft is metrics.ttft.labels("m", "up-1")
+    assert children.active_streams is metrics.active_streams.labels("team-a", "m")
+    assert children.prompt_tokens is metrics.tokens.labels("team-a", "m", "prompt")
+    assert children.completion_tokens is metrics.settled_tokens.labels("team-a", "m", "completion")
+    assert children.requests[200] is metrics.requests.labels("team-a", "m", "up-1", "200")
+    assert children.finish_reasons["stop"] is metrics.finish_reasons.labels("m", "stop")
+    assert children.finish_reasons[None] is metrics.finish_reasons.labels("m", "none")
+    assert children.gaps is metrics.gaps("m")
+    # a child that names no team or upstream is one object across bundles
+    assert metrics.children["team-b", "m", "up-2"].unpriced_tokens is children.unpriced_tokens
+
+
+def test_request_children_add_a_series_only_once_a_request_counts_in_it() -> None:
+    """The bundle resolves a child on first use, as labels() does: /metrics is unchanged."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    before = series(metrics)
+    children = metrics.children["team-a", "m", "up-1"]
+    assert series(metrics) == before
+    children.requests[429].inc()
+    added = series(metrics) - before
+    labels = (("code", "429"), ("model", "m"), ("team", "team-a"), ("upstream", "up-1"))
+    assert added == {("gateway_requests_total", labels)}
+
+
+def test_finish_reasons_an_upstream_invents_count_as_other_and_are_not_kept() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    reasons = metrics.children["team-a", "m", "up-1"].finish_reasons
+    for invented in ("made_up_1", "made_up_2"):
+        reasons[invented].inc()
+    reasons["length"].inc()
+    assert set(reasons) == {"length"}
+    assert (
+        metrics.registry.get_sample_value(
+            "gateway_finish_reason_total", {"model": "m", "reason": "other"}
+        )
+        == 2
+    )

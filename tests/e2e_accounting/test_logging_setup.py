@@ -110,3 +110,79 @@ def test_configure_logging_accepts_each_format_in_a_fresh_process(fmt: str) -> N
         assert orjson.loads(out)["answer"] == 42
     else:
         assert "hello" in out and "answer=42" in out
+
+
+REQUEST_LINE_SCRIPT = """
+import sys
+
+import orjson
+import structlog
+from gateway.logs import REQUEST_ID, configure_logging, request_logger
+
+fmt = {fmt!r}
+configure_logging(fmt)
+general = structlog.get_logger("gateway")
+# the chain configure_logging set up before the request line had its own
+stock = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+if fmt == "json":
+    stock += [
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=orjson.dumps),
+    ]
+    output = structlog.BytesLogger(sys.stdout.buffer)
+else:
+    stock.append(structlog.dev.ConsoleRenderer())
+    output = structlog.PrintLogger(sys.stdout)
+stock_logger = structlog.wrap_logger(output, processors=stock)
+token = REQUEST_ID.set("req-1")
+general.warning("mid_request", detail=1)
+fields = dict(method="POST", path="/v1/x", request_id="req-1", status=200, ttft_ms=None)
+request_logger().info("request", **fields)
+general.info("request", **fields)
+stock_logger.info("request", **fields)
+REQUEST_ID.reset(token)
+general.info("after_the_request")
+"""
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"
+
+
+def logged_lines(fmt: str) -> list[str]:
+    script = REQUEST_LINE_SCRIPT.format(fmt=fmt)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=30, check=True
+    )
+    return ANSI.sub("", done.stdout.decode()).splitlines()
+
+
+def without_timestamp(line: str) -> str:
+    return re.sub(TIMESTAMP, "<time>", line)
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_request_logger_writes_the_line_structlogs_own_processors_write(fmt: str) -> None:
+    """The request line's short chain, and the shared chain's merged level and timestamp:
+    the same line as structlog's add_log_level and TimeStamper, field for field, in order."""
+    _, fast, general, stock, _ = logged_lines(fmt)
+    assert without_timestamp(fast) == without_timestamp(general) == without_timestamp(stock)
+    if fmt == "json":
+        line = orjson.loads(fast)
+        assert list(line) == [
+            "method", "path", "request_id", "status", "ttft_ms", "event", "level", "timestamp",
+        ]  # fmt: skip
+        assert re.fullmatch(TIMESTAMP, line["timestamp"]) and line["level"] == "info"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_lines_logged_during_a_request_carry_its_id_and_later_ones_do_not(fmt: str) -> None:
+    warning, *_, after = logged_lines(fmt)
+    if fmt == "json":
+        assert orjson.loads(warning)["request_id"] == "req-1"
+        assert orjson.loads(warning)["level"] == "warning"
+        assert "request_id" not in orjson.loads(after)
+    else:
+        assert "request_id=req-1" in warning and "mid_request" in warning
+        assert "request_id" not in after
