@@ -509,7 +509,7 @@ class ResponseHeaders(CIMultiDict[str]):
 def response_headers(upstream: CIMultiDictProxy[str]) -> ResponseHeaders:
     """The upstream's response headers, less hop-by-hop and what aiohttp's server sets itself."""
     headers = ResponseHeaders(
-        (k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS
+        [(k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS]
     )
     length = upstream.get("Content-Length", "")
     as_is = upstream.get("Content-Encoding", "identity").strip().lower() == "identity"

@@ -506,8 +506,10 @@ class Response:
         #: dropped when the exchange is over: it holds this response's bound callbacks, a
         #: cycle the garbage collector would otherwise have to find
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
-        self._raw_headers: list[tuple[bytes, bytes]] | None = []
-        #: the head's bytes: its header lines as parsed, and every read while it is not whole
+        #: the head's header names and values in turn, as parsed (None once it is whole)
+        self._raw_headers: list[bytes] | None = []
+        #: the head's bytes: its status line as parsed (its header lines are counted when it
+        #: is whole), and every read while it is not whole
         self._head_bytes = self._unparsed_head = 0
         self._head_waiter: asyncio.Future[None] | None = self._loop.create_future()
         self.status = 0
@@ -647,9 +649,9 @@ class Response:
         self._head_bytes += len(reason) + 16  # the status line's reason, version and code
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._raw_headers is not None:
-            self._raw_headers.append((name, value))
-            self._head_bytes += len(name) + len(value) + 4
+        raw = self._raw_headers
+        if raw is not None:  # (None: a chunked body's trailers, not kept)
+            raw += (name, value)  # their size is counted once, when the head is whole
 
     def on_headers_complete(self) -> None:
         parser, raw = self._parser, self._raw_headers
@@ -661,11 +663,14 @@ class Response:
             self._raw_headers, self._head_bytes, self._unparsed_head = [], 0, 0
             return
         assert raw is not None
-        if self._head_bytes > HEAD_LIMIT:
+        if self._head_bytes + len(b"".join(raw)) + 2 * len(raw) > HEAD_LIMIT:  # ": ", CRLF
             raise _head_too_large()
         self._raw_headers = None
         headers: CIMultiDict[str] = CIMultiDict(
-            (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in raw
+            [
+                (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+                for k, v in zip(raw[::2], raw[1::2], strict=True)
+            ]
         )
         self.status, self.headers = status, CIMultiDictProxy(headers)
         te = headers.get("Transfer-Encoding", "").lower()

@@ -1511,6 +1511,24 @@ async def test_head_just_under_the_limit_is_accepted() -> None:
         response.release()
 
 
+@pytest.mark.parametrize(("total", "accepted"), [(HEAD_LIMIT + 1, True), (HEAD_LIMIT + 2, False)])
+@on_both_loops
+async def test_the_head_limit_counts_the_status_line_and_every_header_line(
+    total: int, accepted: bool
+) -> None:
+    """The bound, to the byte: the status line and header lines count (the status line one
+    byte over, a fixed 16 besides the reason), the blank line that ends the head does not."""
+    wire = padded_head(total, b"ok")
+    async with serving(answer_each(lambda _: wire)) as srv, pool_for(srv) as pool:
+        if not accepted:
+            with pytest.raises(ProtocolViolation, match="head is over"):
+                await pool.request("GET", "/", [])
+            return
+        response = await pool.request("GET", "/", [])
+        assert await read_all(response) == b"ok"
+        response.release()
+
+
 @pytest.mark.parametrize("writes", ["one_write", "8k_writes", "long_reason"])
 @on_both_loops
 async def test_head_over_the_limit_is_protocol_violation(writes: str) -> None:
