@@ -8,14 +8,15 @@ renames one. Where aiohttp offers a public way, the fallback takes it:
   on it `_compress`, `_headers_buf`, `_on_chunk_sent` (private) with `length`,
   `on_body_write`, `chunked`, `output_size`, `transport`, `protocol` and `drain()`
   (public names of an internal class): whether its framing is the plain one
-  `gateway.relay_tap` reproduces. `plain_writer` resolves and checks them once per stream;
-  when any is missing or not plain it returns None and the relay keeps its awaited loop
-  (`StreamResponse.write`, the public way).
+  `gateway.relay_tap` reproduces. `plain_writer` checks that they exist once per writer
+  class (with the protocol's class) and their values once per stream; when any is missing or
+  not plain it returns None and the relay keeps its awaited loop (`StreamResponse.write`, the
+  public way).
 - `BaseProtocol._paused` (what the `writing_paused` property returns): the client
-  transport's flow control. `plain_writer` checks it exists; `relay_tap.Tap.deliver` then
-  reads it once per event as a plain attribute (the property costs a Python call per event:
-  about 90 ns here, most of the fast path's saving). It is the one read of an aiohttp
-  private outside this module.
+  transport's flow control. `plain_writer` checks it exists (once per protocol class);
+  `relay_tap.Tap.deliver` then reads it once per event as a plain attribute (the property
+  costs a Python call per event: about 90 ns here, most of the fast path's saving). It is
+  the one read of an aiohttp private outside this module.
 - `StreamResponse._send_headers_immediately` (class attribute, True on `StreamResponse`):
   off, the prepared head waits and leaves with the first body write, as for aiohttp's own
   `web.Response`. `head_with_first_write` turns it off only where it exists; without it the
@@ -34,12 +35,12 @@ renames one. Where aiohttp offers a public way, the fallback takes it:
 from __future__ import annotations
 
 import collections
-from typing import Any, Final, TypeVar
+import operator
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import StreamReader, web
 from aiohttp.http_writer import StreamWriter
-
-_MISSING: Final = object()
 
 #: the response's connection writer (set by `StreamResponse.prepare`)
 PAYLOAD_WRITER = "_payload_writer"
@@ -66,18 +67,37 @@ R = TypeVar("R", bound=type[web.StreamResponse])
 
 def plain_writer(resp: web.StreamResponse) -> StreamWriter | None:
     """The prepared response's `StreamWriter` when the fast path can write past it (plain
-    framing, a transport, the flow-control flag there), else None: use `resp.write`."""
+    framing, a transport, the flow-control flag there), else None: use `resp.write`.
+
+    Whether the attributes exist is checked on the first writer with a protocol of its class
+    (aiohttp sets them all in `__init__`); per stream, only the values that say plain framing."""
     writer = getattr(resp, PAYLOAD_WRITER, None)
     if type(writer) is not StreamWriter:
         return None
-    for name, value in PLAIN_WRITER.items():
-        if getattr(writer, name, _MISSING) is not value:
-            return None
-    if any(getattr(writer, name, _MISSING) is _MISSING for name in WRITER_USED):
+    protocol = type(getattr(writer, "protocol", None))
+    plain = _CHECKED[protocol] if protocol in _CHECKED else _check(protocol, writer)
+    if plain is None or writer.transport is None:
         return None
-    if writer.transport is None or not hasattr(writer.protocol, PROTOCOL_PAUSED):
-        return None
-    return writer
+    read, values = plain
+    return writer if all(map(operator.is_, read(writer), values)) else None
+
+
+#: PLAIN_WRITER's attributes of a writer (read in one call), and the values of plain framing
+Plain = tuple[Callable[[Any], tuple[Any, ...]], tuple[Any, ...]]
+#: what `plain_writer` found on the first StreamWriter with a protocol of each class: Plain, or
+#: None when one of the attributes it needs is missing
+_CHECKED: dict[type, Plain | None] = {}
+
+
+def _check(protocol: type, writer: StreamWriter) -> Plain | None:
+    plain: Plain | None = None
+    complete = all(hasattr(writer, name) for name in (*PLAIN_WRITER, *WRITER_USED))
+    if complete and hasattr(writer.protocol, PROTOCOL_PAUSED):
+        get = operator.attrgetter(*PLAIN_WRITER)  # a tuple for several names, else the value
+        read = get if len(PLAIN_WRITER) > 1 else lambda obj: (get(obj),)
+        plain = read, tuple(PLAIN_WRITER.values())
+    _CHECKED[protocol] = plain
+    return plain
 
 
 def head_with_first_write(cls: R) -> R:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import math
 import random
 import time
@@ -80,9 +81,13 @@ class UpstreamClient:
     slots: asyncio.Semaphore = field(init=False)
     #: upstream paths by path tail: nearly every request asks for one of a handful
     _paths: dict[str, str] = field(init=False, default_factory=dict)
+    #: the upstream's credentials header, if it has a key: built once, sent with every request
+    _authorization: tuple[tuple[str, str], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.settings.max_connections)
+        if self.settings.api_key:
+            self._authorization = (("Authorization", f"Bearer {self.settings.api_key}"),)
 
     def target_for(self, tail: str, raw_query: str) -> str:
         """The request target (path and query) upstream for the `/v1/<tail>` a client asked for.
@@ -102,22 +107,34 @@ class UpstreamClient:
     def headers_for(
         self, client_headers: Mapping[str, str], request_id: str
     ) -> list[tuple[str, str]]:
-        drop = DROP_REQUEST_HEADERS | _nominated(client_headers)
+        """The headers sent upstream: the client's (each name lowered once), less the dropped
+        and the `Connection`-nominated ones, then the gateway's own."""
+        drop = _dropped(_connection(client_headers))
         headers = [(k, v) for k, v in client_headers.items() if k.lower() not in drop]
-        headers.append(("Accept-Encoding", "identity"))
-        headers.append(("X-Request-Id", request_id))
-        if self.settings.api_key:
-            headers.append(("Authorization", f"Bearer {self.settings.api_key}"))
+        headers += (_ACCEPT_IDENTITY, ("X-Request-Id", request_id), *self._authorization)
         return headers
 
     async def aclose(self) -> None:
         await self.pool.aclose()
 
 
-def _nominated(headers: Mapping[str, str]) -> frozenset[str]:
-    """Headers the client declared hop-by-hop in `Connection` (RFC 9110 7.6.1): not forwarded."""
-    listed = ",".join(v for k, v in headers.items() if k.lower() == "connection")
-    return frozenset(name.strip().lower() for name in listed.split(",") if name.strip())
+_ACCEPT_IDENTITY = ("Accept-Encoding", "identity")
+
+
+def _connection(headers: Mapping[str, str]) -> str:
+    """The client's `Connection` header fields, as one list (a multidict is asked by name)."""
+    if isinstance(headers, CIMultiDict | CIMultiDictProxy):
+        return ",".join(headers.getall("Connection", ()))
+    return ",".join(v for k, v in headers.items() if k.lower() == "connection")
+
+
+@functools.lru_cache(maxsize=64)
+def _dropped(connection: str) -> frozenset[str]:
+    """The headers not forwarded for a `Connection` value: DROP_REQUEST_HEADERS and the ones
+    it nominates hop-by-hop (RFC 9110 7.6.1). Cached: clients send one or two values (the
+    openai SDK's `keep-alive`)."""
+    nominated = (name.strip().lower() for name in connection.split(","))
+    return DROP_REQUEST_HEADERS.union(name for name in nominated if name)
 
 
 def create_client(name: str, settings: Upstream, base_url: str) -> UpstreamClient:
@@ -492,7 +509,7 @@ class ResponseHeaders(CIMultiDict[str]):
 def response_headers(upstream: CIMultiDictProxy[str]) -> ResponseHeaders:
     """The upstream's response headers, less hop-by-hop and what aiohttp's server sets itself."""
     headers = ResponseHeaders(
-        (k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS
+        [(k, v) for k, v in upstream.items() if k.lower() not in DROP_RESPONSE_HEADERS]
     )
     length = upstream.get("Content-Length", "")
     as_is = upstream.get("Content-Encoding", "identity").strip().lower() == "identity"

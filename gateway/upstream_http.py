@@ -67,6 +67,8 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _NO_BODY_STATUS = frozenset({204, 304})
 #: a request body below this size goes out in the same write as the head
 _JOINED_BODY_BYTES = 16 * 1024
+#: at most this many (method, target) request lines are kept (a query string varies)
+START_LINE_ENTRIES = 256
 
 Sink = Callable[[bytes], None]
 #: an address to connect to: (family, socket address)
@@ -118,6 +120,8 @@ class Pool:
         default_port = url.port is None or url.is_default_port()
         host = f"[{url.host}]" if ":" in url.host else url.host
         self._host_line = f"Host: {host}" if default_port else f"Host: {host}:{self.port}"
+        #: request and Host lines by (method, target), see `_start`
+        self._starts: dict[tuple[str, str], str] = {}
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s or None
         self.keepalive_s = keepalive_s
@@ -184,14 +188,26 @@ class Pool:
     def _head(
         self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
     ) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1", self._host_line]
-        lines += [f"{name}: {value}" for name, value in headers]
-        if body or method in _BODY_METHODS:
-            lines.append(f"Content-Length: {len(body)}")
-        text = "\r\n".join(lines)
-        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        start = self._starts.get((method, target)) or self._start(method, target)
+        lines = [f"{name}: {value}\r\n" for name, value in headers]
+        fields, count = "".join(lines), len(lines)
+        if fields.count("\n") != count or fields.count("\r") != count:
             raise ValueError("a header name or value contains CR or LF")
-        return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        if body or method in _BODY_METHODS:
+            return f"{start}{fields}Content-Length: {len(body)}\r\n\r\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        return f"{start}{fields}\r\n".encode("utf-8", "surrogateescape")
+
+    def _start(self, method: str, target: str) -> str:
+        """The request line and the Host line, kept for the next request with the same method
+        and target (nearly every request is one of a handful)."""
+        start = f"{method} {target} HTTP/1.1\r\n{self._host_line}\r\n"
+        if start.count("\n") != 2 or start.count("\r") != 2:
+            raise ValueError("the method or the target contains CR or LF")
+        if len(self._starts) < START_LINE_ENTRIES:
+            self._starts[method, target] = start
+        return start
 
     def _take_idle(self) -> Connection | None:
         idle = self._idle
@@ -490,8 +506,10 @@ class Response:
         #: dropped when the exchange is over: it holds this response's bound callbacks, a
         #: cycle the garbage collector would otherwise have to find
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
-        self._raw_headers: list[tuple[bytes, bytes]] | None = []
-        #: the head's bytes: its header lines as parsed, and every read while it is not whole
+        #: the head's header names and values in turn, as parsed (None once it is whole)
+        self._raw_headers: list[bytes] | None = []
+        #: the head's bytes: its status line as parsed (its header lines are counted when it
+        #: is whole), and every read while it is not whole
         self._head_bytes = self._unparsed_head = 0
         self._head_waiter: asyncio.Future[None] | None = self._loop.create_future()
         self.status = 0
@@ -631,9 +649,9 @@ class Response:
         self._head_bytes += len(reason) + 16  # the status line's reason, version and code
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._raw_headers is not None:
-            self._raw_headers.append((name, value))
-            self._head_bytes += len(name) + len(value) + 4
+        raw = self._raw_headers
+        if raw is not None:  # (None: a chunked body's trailers, not kept)
+            raw += (name, value)  # their size is counted once, when the head is whole
 
     def on_headers_complete(self) -> None:
         parser, raw = self._parser, self._raw_headers
@@ -645,11 +663,14 @@ class Response:
             self._raw_headers, self._head_bytes, self._unparsed_head = [], 0, 0
             return
         assert raw is not None
-        if self._head_bytes > HEAD_LIMIT:
+        if self._head_bytes + len(b"".join(raw)) + 2 * len(raw) > HEAD_LIMIT:  # ": ", CRLF
             raise _head_too_large()
         self._raw_headers = None
         headers: CIMultiDict[str] = CIMultiDict(
-            (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in raw
+            [
+                (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+                for k, v in zip(raw[::2], raw[1::2], strict=True)
+            ]
         )
         self.status, self.headers = status, CIMultiDictProxy(headers)
         te = headers.get("Transfer-Encoding", "").lower()

@@ -102,6 +102,33 @@ def test_a_plain_stream_takes_the_fast_path_on_the_tested_release(served: Served
     assert served.plain is served.writer, f"{AIOHTTP}: plain_writer no longer sees plain framing"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("length", 12), ("_compress", object()), ("_headers_buf", b"head")]
+)
+async def test_a_writer_not_plain_is_refused_though_its_class_was_checked_before(
+    name: str, value: object
+) -> None:
+    """The attributes' presence is checked once per class, their values on every stream."""
+    answers: list[object] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = HeadWithFirstWrite()
+        await resp.prepare(request)
+        await resp.write(b"data: x\n\n")
+        writer = getattr(resp, aiohttp_private.PAYLOAD_WRITER)
+        answers.append(plain_writer(resp) is writer)  # its class: checked, found complete
+        kept = getattr(writer, name)
+        setattr(writer, name, value)
+        answers.append(plain_writer(resp))
+        setattr(writer, name, kept)
+        answers.append(plain_writer(resp) is writer)
+        await resp.write_eof()
+        return resp
+
+    assert await _serve_once(handler, b"{}") == b"data: x\n\n"
+    assert answers == [True, None, True]
+
+
 def test_stream_response_still_has_the_switch_that_holds_the_head(served: Served) -> None:
     name = aiohttp_private.SEND_HEADERS_IMMEDIATELY
     assert getattr(web.StreamResponse, name, None) is True, f"{AIOHTTP}: {name} is gone"
@@ -200,6 +227,7 @@ async def test_without_an_aiohttp_internal_the_relay_keeps_its_loop_and_every_by
 ) -> None:
     constant, renamed = GONE[gone]
     monkeypatch.setattr(aiohttp_private, constant, renamed)
+    monkeypatch.setattr(aiohttp_private, "_CHECKED", {})  # what it found per class: as new
     pieces = [EVENT] * 20 + [DONE]
     assert await _relayed(upstream, pieces) == b"".join(pieces)
     assert taps and all(found is None for found in taps)

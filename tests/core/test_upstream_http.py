@@ -1511,6 +1511,24 @@ async def test_head_just_under_the_limit_is_accepted() -> None:
         response.release()
 
 
+@pytest.mark.parametrize(("total", "accepted"), [(HEAD_LIMIT + 1, True), (HEAD_LIMIT + 2, False)])
+@on_both_loops
+async def test_the_head_limit_counts_the_status_line_and_every_header_line(
+    total: int, accepted: bool
+) -> None:
+    """The bound, to the byte: the status line and header lines count (the status line one
+    byte over, a fixed 16 besides the reason), the blank line that ends the head does not."""
+    wire = padded_head(total, b"ok")
+    async with serving(answer_each(lambda _: wire)) as srv, pool_for(srv) as pool:
+        if not accepted:
+            with pytest.raises(ProtocolViolation, match="head is over"):
+                await pool.request("GET", "/", [])
+            return
+        response = await pool.request("GET", "/", [])
+        assert await read_all(response) == b"ok"
+        response.release()
+
+
 @pytest.mark.parametrize("writes", ["one_write", "8k_writes", "long_reason"])
 @on_both_loops
 async def test_head_over_the_limit_is_protocol_violation(writes: str) -> None:
@@ -1654,6 +1672,42 @@ async def test_host_header_omits_the_default_port(tls: Tls, scheme: str, port: i
                 assert await read_all(response) == b"ok"
                 response.release()
     assert [r.values("Host") for r in srv.requests] == [["127.0.0.1"], ["127.0.0.1"]]
+
+
+@on_both_loops
+async def test_a_repeated_request_line_goes_out_as_the_same_bytes() -> None:
+    sent = [
+        ("POST", "/v1/chat?x=1", [("X-N", "1")], b"{}"),
+        ("POST", "/v1/chat?x=1", [("X-N", "2"), ("X-M", "3")], b"{}"),
+        ("GET", "/v1/chat?x=1", [], b""),
+        ("POST", "/v1/chat?x=1", [], b""),
+        ("POST", "/v1/models", [("X-N", "1")], b"{}"),
+    ]
+    async with serving(answer_each(lambda _: answer(b"ok"))) as srv, pool_for(srv) as pool:
+        for method, target, headers, body in sent:
+            response = await pool.request(method, target, headers, body)
+            assert await read_all(response) == b"ok"
+            response.release()
+    host = f"Host: {srv.host}:{srv.port}".encode()
+    assert [r.raw_head for r in srv.requests] == [
+        b"POST /v1/chat?x=1 HTTP/1.1\r\n%s\r\nX-N: 1\r\nContent-Length: 2\r\n\r\n" % host,
+        b"POST /v1/chat?x=1 HTTP/1.1\r\n%s\r\nX-N: 2\r\nX-M: 3\r\nContent-Length: 2\r\n\r\n" % host,
+        b"GET /v1/chat?x=1 HTTP/1.1\r\n%s\r\n\r\n" % host,
+        b"POST /v1/chat?x=1 HTTP/1.1\r\n%s\r\nContent-Length: 0\r\n\r\n" % host,
+        b"POST /v1/models HTTP/1.1\r\n%s\r\nX-N: 1\r\nContent-Length: 2\r\n\r\n" % host,
+    ]
+
+
+@on_both_loops
+async def test_cr_or_lf_in_the_target_is_value_error_every_time_and_nothing_is_sent() -> None:
+    async with serving(answer_each(lambda _: answer(b"ok"))) as srv, pool_for(srv) as pool:
+        for _ in range(2):  # a refused request line is not kept for the next request
+            with pytest.raises(ValueError):  # noqa: PT011 - the contract names only the type
+                await pool.request("GET", "/bad\r\nEvil: 1", [])
+        response = await pool.request("GET", "/good", [])
+        assert await read_all(response) == b"ok"
+        response.release()
+    assert [r.target for r in srv.requests] == ["/good"]
 
 
 BAD_HEADERS = {
