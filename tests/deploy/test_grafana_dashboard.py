@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.deploy import assets
-from tests.deploy.exported import known_sample_names
+from tests.deploy.exported import exported_sample_names
 from tests.deploy.tools import require, run
 
 GRID_WIDTH = 24
@@ -136,7 +136,7 @@ def test_panel_queries_filter_by_team_and_model_where_the_series_has_those_label
 
 
 def test_dashboard_reads_only_series_the_gateway_exports(dashboard: dict[str, Any]) -> None:
-    known = known_sample_names()
+    known = exported_sample_names()
     unknown = {
         query.where: assets.metric_names(query.expr) - known
         for query in assets.dashboard_queries(dashboard)

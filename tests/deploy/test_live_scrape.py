@@ -7,9 +7,8 @@ openai SDK and the demo load generator, with a rate-limited team, an unreachable
 client that hangs up), a Prometheus with the shipped rules scrapes it every second, and then
 every dashboard query and recording rule must return data, every alert expression must parse,
 and `sum(rate(gateway_tokens_total[1m])) by (team)` must list the teams that streamed.
-Panels reading series that issues 16/17 add are sent to Prometheus too; their data is checked
-once the gateway exports those series, and from then on the config gains a balanced tier with
-a failing member, prices and budgets, so those panels have something to show.
+The config has a balanced tier with a failing member, prices and a budget, so the upstreams
+and spend panels have something to show too.
 
 Bounded: about 20-40 s, all processes on 127.0.0.1 and stopped at the end of the module.
 """
@@ -30,11 +29,6 @@ import openai
 import pytest
 
 from tests.deploy import assets
-from tests.deploy.exported import (
-    SERIES_ADDED_BY_ISSUES_16_17,
-    awaited_sample_names,
-    exported_sample_names,
-)
 from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
 from tests.support.prometheus_server import (
     PrometheusError,
@@ -54,23 +48,8 @@ GAMMA_REQUESTS_PER_MINUTE = 2
 DATA_TIMEOUT_S = 30.0
 
 
-#: series added by issues 16/17 that this gateway does not export yet (tests/deploy/exported.py).
-#: A query reading one cannot have data here: Prometheus must still accept it, and its data
-#: check waits for the issue. Once an issue's metrics land, its queries need data like any
-#: other: `gateway_config` then adds what makes them appear (a failing member of a balanced
-#: tier for 16; prices and a budget for 17, with DESIGN.md's config keys).
-AWAITED = awaited_sample_names(exported_sample_names())
-#: a model routed to a balanced tier whose second member nobody serves, once issue 16 landed
+#: a model routed to a balanced tier whose second member nobody serves
 FLAKY_MODEL = "flaky-chat"
-
-
-def awaited_by(query: assets.Query) -> set[str]:
-    return assets.metric_names(query.expr) & AWAITED
-
-
-def issue_landed(issue: int) -> bool:
-    """Whether the gateway exports the metrics issue 16 or 17 adds."""
-    return not SERIES_ADDED_BY_ISSUES_16_17[issue] & AWAITED
 
 
 def gateway_config(dead_port: int, workdir: Path) -> dict[str, Any]:
@@ -98,10 +77,8 @@ def gateway_config(dead_port: int, workdir: Path) -> dict[str, Any]:
         ],
         "limits": {"backend": "local"},
     }
-    if issue_landed(16):
-        add_a_failing_tier_member(config, dead_port)
-    if issue_landed(17):
-        add_prices_and_a_budget(config, workdir)
+    add_a_failing_tier_member(config, dead_port)
+    add_prices_and_a_budget(config, workdir)
     return config
 
 
@@ -216,9 +193,7 @@ async def run_loadgen(base_url: str, traffic: Traffic) -> None:
 
 
 def flaky(api: openai.AsyncOpenAI, traffic: Traffic, count: int) -> list[Awaitable[None]]:
-    """Streams of the model behind the failing tier member, once issue 16 landed."""
-    if not issue_landed(16):
-        return []
+    """Streams of the model behind the failing tier member."""
     return [stream(api, FLAKY_MODEL, {"chunks": 4}, traffic) for _ in range(count)]
 
 
@@ -310,7 +285,7 @@ def without_numbers(prometheus: PrometheusServer) -> list[str]:
     queries = assets.dashboard_queries(assets.load_dashboard()) + assets.recording_queries()
     queries += [assets.Query(q.where, q.where) for q in assets.recording_queries()]
     missing = []
-    for query in (q for q in queries if not awaited_by(q)):
+    for query in queries:
         try:
             if not has_a_number(prometheus.query(query.expr)):
                 missing.append(query.where)
@@ -393,8 +368,6 @@ def test_token_series_carry_the_configured_model_labels_and_every_type(live: Liv
 )
 def test_dashboard_query_returns_data(live: Live, query: assets.Query) -> None:
     result = live.prometheus.query(query.expr)  # raises PrometheusError unless it is accepted
-    if awaited := awaited_by(query):
-        pytest.skip(f"reads {sorted(awaited)}: series added by issues 16/17, not exported yet")
     assert has_a_number(result), f"no data for: {query.expr}"
 
 

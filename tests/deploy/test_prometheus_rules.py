@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.deploy import assets
-from tests.deploy.exported import known_sample_names
+from tests.deploy.exported import exported_sample_names
 from tests.deploy.tools import require, run
 
 
@@ -92,7 +92,7 @@ def test_each_alert_has_summary_description_and_a_runbook_section_that_exists(
 
 
 def test_rules_read_only_series_the_gateway_exports_or_the_rules_record() -> None:
-    known = known_sample_names() | {q.where for q in assets.recording_queries()}
+    known = exported_sample_names() | {q.where for q in assets.recording_queries()}
     queries = assets.recording_queries() + assets.alert_queries()
     unknown = {q.where: assets.metric_names(q.expr) - known for q in queries}
     assert {where: names for where, names in unknown.items() if names} == {}
