@@ -19,13 +19,14 @@ from tests.e2e_accounting.helpers import (
     PATTERN,
     chunk,
     client,
-    event,
     eventually,
     fake_settings,
     observed_gateway,
     one_request_line,
     request_lines,
     sim_settings,
+    stream_then_leave,
+    usage_event,
 )
 from tests.support.fake_upstream import Script, fake_upstream
 
@@ -34,22 +35,6 @@ PRICE = Price(models=("test-priced", "sim-*"), input=2.0, cached_input=0.5, outp
 
 def priced(settings: Settings) -> Settings:
     return msgspec.structs.replace(settings, pricing=(PRICE,))
-
-
-def usage_with_cache(prompt: int, cached: int, completion: int) -> bytes:
-    return event({
-        "id": "chatcmpl-e2e",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": "test-model",
-        "choices": [],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        },
-    })  # fmt: skip
 
 
 async def stream_all(base_url: str, model: str, **extra: Any) -> None:
@@ -68,7 +53,7 @@ async def test_a_stream_with_upstream_usage_costs_the_upstreams_numbers_cached_a
         chunk("b"),
         chunk("c"),
         chunk(finish="stop"),
-        usage_with_cache(1000, 400, 20),
+        usage_event(1000, 20, cached=400),
         DONE,
     ]
     async with fake_upstream() as up:
@@ -88,18 +73,7 @@ async def test_a_stream_with_upstream_usage_costs_the_upstreams_numbers_cached_a
 async def test_a_disconnected_stream_costs_what_was_counted_live() -> None:
     async with observed_gateway(priced(sim_settings())) as o:
         sdk = await client(o.gw.base_url)
-        answer = await sdk.chat.completions.create(
-            model="sim-gone",
-            messages=MESSAGES,
-            stream=True,
-            extra_body={"sim": {"chunks": 40, "delay_ms": 50}},
-        )
-        seen = 0
-        async for part in answer:
-            seen += bool(part.choices and part.choices[0].delta.content)
-            if seen == 3:
-                break
-        await answer.close()
+        await stream_then_leave(sdk, "sim-gone")
         line = await one_request_line(o.logs)
         await sdk.close()
     assert line["end"] == "client_disconnect" and line["usage_source"] == "estimate"
@@ -113,7 +87,7 @@ async def test_a_disconnected_stream_costs_what_was_counted_live() -> None:
 
 
 async def test_an_unpriced_model_costs_nothing_and_its_tokens_are_counted_as_unpriced() -> None:
-    pieces = [chunk("a"), chunk("b"), chunk(finish="stop"), usage_with_cache(50, 0, 7), DONE]
+    pieces = [chunk("a"), chunk("b"), chunk(finish="stop"), usage_event(50, 7, cached=0), DONE]
     async with fake_upstream() as up:
         up.default = Script(pieces)
         async with observed_gateway(priced(fake_settings(up.base_url))) as o:

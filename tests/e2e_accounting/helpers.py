@@ -118,20 +118,40 @@ def chunk(content: str | None = None, finish: str | None = None) -> bytes:
     })  # fmt: skip
 
 
-def usage_event(prompt: int, completion: int) -> bytes:
-    """The usage-only event (`choices` empty) that `include_usage` adds before `[DONE]`."""
+def usage_event(prompt: int, completion: int, cached: int | None = None) -> bytes:
+    """The usage-only event (`choices` empty) that `include_usage` adds before `[DONE]`;
+    `cached`: the prompt tokens the upstream read from its cache, when it says so."""
+    usage: dict[str, object] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return event({
         "id": "chatcmpl-e2e",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": "test-model",
         "choices": [],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
+        "usage": usage,
     })  # fmt: skip
+
+
+async def stream_then_leave(sdk: openai.AsyncOpenAI, model: str, after: int = 3) -> None:
+    """Stream a slow simulator answer and hang up after `after` content chunks."""
+    answer = await sdk.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        stream=True,
+        extra_body={"sim": {"chunks": 40, "delay_ms": 50}},
+    )
+    seen = 0
+    async for part in answer:
+        seen += bool(part.choices and part.choices[0].delta.content)
+        if seen == after:
+            break
+    await answer.close()
 
 
 DONE = b"data: [DONE]\n\n"

@@ -17,6 +17,7 @@ from tests.e2e_accounting.helpers import (
     observed_gateway,
     one_request_line,
     sim_settings,
+    stream_then_leave,
 )
 
 LABELS = {"team": "anonymous", "model": PATTERN}
@@ -25,18 +26,7 @@ LABELS = {"team": "anonymous", "model": PATTERN}
 async def test_tokens_before_a_client_disconnect_are_counted() -> None:
     async with observed_gateway(sim_settings()) as o:
         sdk = await client(o.gw.base_url)
-        answer = await sdk.chat.completions.create(
-            model="sim-gone",
-            messages=MESSAGES,
-            stream=True,
-            extra_body={"sim": {"chunks": 40, "delay_ms": 50}},
-        )
-        seen = 0
-        async for part in answer:
-            seen += bool(part.choices and part.choices[0].delta.content)
-            if seen == 3:
-                break
-        await answer.close()
+        await stream_then_leave(sdk, "sim-gone")
         line = await one_request_line(o.logs)
         await sdk.close()
         metric = o.gw.metric
