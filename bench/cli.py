@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -80,6 +80,10 @@ class Profile:
     first_byte_events: int = 3
     short_calls: tuple[calls.CallKind, ...] = ("chat", "embeddings")
     short_calls_concurrency: int = 32
+    #: windows per target of the per-request scenarios (latency, first-byte, short-calls),
+    #: round-robin over the targets, medians kept: one window's figure can be off by 30% on
+    #: a shared machine
+    request_rounds: int = 3
 
 
 QUICK = Profile(
@@ -93,6 +97,7 @@ QUICK = Profile(
     warmup_s=1.0,
     window_s=2.0,
     first_byte_requests=500,
+    request_rounds=1,
 )
 
 
@@ -144,6 +149,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--first-byte-requests", type=int, help="sequential requests measured")
     p.add_argument("--short-calls", type=_names(("chat", "embeddings")))
     p.add_argument("--short-calls-concurrency", type=int)
+    p.add_argument(
+        "--request-rounds",
+        type=int,
+        help="latency, first-byte and short-calls windows per target (medians kept)",
+    )
     return p
 
 
@@ -277,9 +287,17 @@ def plan(
                 for target in targets:
                     if round_ == 1 or not isinstance(target, Direct):  # no CPU figure to repeat
                         yield from _paced_steps(prof, side, target, rep, round_)
+        elif scenario in PER_REQUEST:
+            for round_ in range(1, prof.request_rounds + 1):
+                for target in targets:
+                    yield from _per_request_steps(scenario, prof, side, target, rep, round_)
         else:
             for target in targets:
                 yield from _steps(scenario, prof, side, target, rep)
+
+
+#: the scenarios measured in rounds by `--request-rounds`
+PER_REQUEST = ("latency", "first-byte", "short-calls")
 
 
 def _into(rows: list[R], make: Callable[[], R]) -> Step:
@@ -296,25 +314,8 @@ def _steps(
         make_capacity = partial(scenarios.capacity, side, target, prof.capacity_streams,
                                 prof.events, warmup, window)  # fmt: skip
         yield scenario, name, _into(rep.capacity, make_capacity)
-    elif scenario == "latency":
-        for n in prof.latency_streams:
-            make_latency = partial(scenarios.latency, side, target, n, prof.latency_delay_ms,
-                                   prof.latency_events, min(warmup, 1.0), window)  # fmt: skip
-            yield scenario, name, _into(rep.latency, make_latency)
     elif scenario == "slow":
         yield from _slow_steps(prof, side, target, rep)
-    elif scenario == "first-byte":
-        for new_connection in (False, True):
-            make_first_byte = partial(scenarios.first_byte, side, target,
-                                      requests=prof.first_byte_requests,
-                                      events=prof.first_byte_events,
-                                      new_connection=new_connection)  # fmt: skip
-            yield scenario, name, _into(rep.first_byte, make_first_byte)
-    elif scenario == "short-calls":
-        for call in prof.short_calls:
-            make_short = partial(scenarios.short_calls, side, target, call,
-                                 prof.short_calls_concurrency, warmup, window)  # fmt: skip
-            yield scenario, name, _into(rep.short_calls, make_short)
 
 
 def _paced_steps(
@@ -329,11 +330,46 @@ def _paced_steps(
             yield step, target.name, _into(rep.paced_rounds, _in_round(make_paced, round_))
 
 
-Paced = Callable[[], scenarios.PacedRow]
+def _per_request_steps(
+    scenario: str,
+    prof: Profile,
+    side: scenarios.LoadSide,
+    target: Target,
+    rep: report.Report,
+    round_: int,
+) -> Iterator[tuple[str, str, Step]]:
+    """One round of a per-request scenario's windows on one target. Direct, the base of the
+    added latencies, runs every round; it has no CPU figure, so short calls skip it after
+    the first."""
+    name, warmup, window = target.name, prof.warmup_s, prof.window_s
+    if scenario == "latency":
+        for n in prof.latency_streams:
+            make_latency = partial(scenarios.latency, side, target, n, prof.latency_delay_ms,
+                                   prof.latency_events, min(warmup, 1.0), window)  # fmt: skip
+            yield scenario, name, _into(rep.latency_rounds, _in_round(make_latency, round_))
+    elif scenario == "first-byte":
+        for new_connection in (False, True):
+            make_first_byte = partial(scenarios.first_byte, side, target,
+                                      requests=prof.first_byte_requests,
+                                      events=prof.first_byte_events,
+                                      new_connection=new_connection)  # fmt: skip
+            yield scenario, name, _into(rep.first_byte_rounds, _in_round(make_first_byte, round_))
+    elif scenario == "short-calls" and (round_ == 1 or not isinstance(target, Direct)):
+        for call in prof.short_calls:
+            make_short = partial(scenarios.short_calls, side, target, call,
+                                 prof.short_calls_concurrency, warmup, window)  # fmt: skip
+            yield scenario, name, _into(rep.short_calls_rounds, _in_round(make_short, round_))
 
 
-def _in_round(make: Paced, round_: int) -> Paced:
-    def measure() -> scenarios.PacedRow:
+class _Rounded(Protocol):
+    round: int
+
+
+Rounded = TypeVar("Rounded", bound=_Rounded)
+
+
+def _in_round(make: Callable[[], Rounded], round_: int) -> Callable[[], Rounded]:
+    def measure() -> Rounded:
         row = make()
         row.round = round_
         return row

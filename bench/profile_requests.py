@@ -3,7 +3,8 @@
 `python -m bench.profile_requests [--requests 1000] [--team] [--no-accounting]` serves the
 bench's gateway configuration in this process, under cProfile only while the load
 generator's measured window is open, for two loads one after the other: sequential keep-alive
-streams of 3 events, then sequential non-streaming chat calls (each after 100 to warm up).
+streams of 3 events, sequential non-streaming chat calls, then sequential streams each on a
+new client connection (each load after 100 requests to warm up).
 It prints, per load, every layer's calls per request and the functions in it called at least
 `--min` times per request. Call counts are deterministic: unlike times, they hold on a busy
 machine. A builtin (a C function or method) is counted in the layer of the Python function
@@ -280,13 +281,13 @@ async def profile_gateway(
     port = bound_port(runner)
     done = []
     try:
-        for title, spec in loads:
+        for number, (title, spec) in enumerate(loads, 1):
             profiler, result, collections = await profile_load(
                 msgspec.structs.replace(spec, port=port)
             )
             stats = pstats.Stats(profiler)
             if dump is not None:
-                stats.dump_stats(dump.with_suffix(f".{spec.call}.prof"))
+                stats.dump_stats(dump.with_suffix(f".{number}.{spec.call}.prof"))
             done.append((title, stats, result, collections))
     finally:
         await runner.cleanup()
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             (f"(ii) {args.requests} sequential non-streaming chat calls",
              LoadSpec(mode="sequential", events=3, call="chat", api_key=gateway.api_key,
                       **common)),
+            (f"(iii) {args.requests} sequential streams of 3 events, a new connection each",
+             LoadSpec(mode="sequential", events=3, api_key=gateway.api_key,
+                      new_connection=True, **common)),
         ]  # fmt: skip
         results: list[Profiled] = []
 

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -58,6 +58,11 @@ class Report(msgspec.Struct, kw_only=True):
     failures: list[Failure] = msgspec.field(default_factory=list)
     first_byte: list[FirstByteRow] = msgspec.field(default_factory=list)
     short_calls: list[ShortCallsRow] = msgspec.field(default_factory=list)
+    #: every window of the per-request scenarios, round by round; `latency`, `first_byte`
+    #: and `short_calls` hold their medians
+    latency_rounds: list[LatencyRow] = msgspec.field(default_factory=list)
+    first_byte_rounds: list[FirstByteRow] = msgspec.field(default_factory=list)
+    short_calls_rounds: list[ShortCallsRow] = msgspec.field(default_factory=list)
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -79,11 +84,7 @@ def _added(row: Percentiles, base: Percentiles) -> Added:
 def derive(report: Report) -> None:
     """Fill in every figure that compares two rows of this run."""
     report.paced = _paced_medians(report.paced_rounds)
-    direct = {r.streams: r for r in report.latency if r.target == "direct"}
-    for lat in report.latency:
-        if (base := direct.get(lat.streams)) is not None:
-            lat.added_ttft_ms = _added(lat.ttft_ms, base.ttft_ms)
-            lat.added_total_ms = _added(lat.total_ms, base.total_ms)
+    report.latency = _latency_medians(report.latency_rounds or report.latency)
     nginx_ttft = {r.n: r.ttft_ms.p99 for r in report.slow if r.target == "nginx"}
     for s in report.slow:
         s.ttft_p99_ratio_to_nginx = _ratio(s.ttft_ms.p99, nginx_ttft.get(s.n))
@@ -95,15 +96,113 @@ def derive(report: Report) -> None:
 
 def _derive_per_request(report: Report) -> None:
     """First byte added over direct (same kind of connection); short calls per proxy core
-    against the bare aiohttp relay's (same call)."""
-    direct = {r.connection: r for r in report.first_byte if r.target == "direct"}
-    for fb in report.first_byte:
-        if (base := direct.get(fb.connection)) is not None:
+    against the bare aiohttp relay's (same call). Each is taken within a round, then the
+    rounds' medians kept (a report with no rounds has one)."""
+    report.first_byte = _first_byte_medians(report.first_byte_rounds or report.first_byte)
+    report.short_calls = _short_call_medians(report.short_calls_rounds or report.short_calls)
+
+
+G = TypeVar("G", LatencyRow, FirstByteRow, ShortCallsRow)
+
+
+def _groups(rows: list[G], key: Callable[[G], tuple[object, ...]]) -> list[list[G]]:
+    """Rows of one target and load across rounds, in the order they first came."""
+    groups: dict[tuple[object, ...], list[G]] = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return list(groups.values())
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
+
+
+def _median_percentiles(values: list[Percentiles]) -> Percentiles:
+    """Each percentile's median over the rounds, and every round's samples."""
+    return Percentiles(
+        _median([v.p50 for v in values]),
+        _median([v.p99 for v in values]),
+        sum(v.samples for v in values),
+    )
+
+
+def _median_added(values: list[Added | None]) -> Added | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return Added(_median([v.p50 for v in known]), _median([v.p99 for v in known]))
+
+
+def _summed_errors(rows: Sequence[LatencyRow | FirstByteRow]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for row in rows:
+        for kind, n in row.errors.items():
+            errors[kind] = errors.get(kind, 0) + n
+    return errors
+
+
+def _latency_medians(rounds: list[LatencyRow]) -> list[LatencyRow]:
+    """Added latency over direct within each round, then per target and load the medians."""
+    direct = {(r.round, r.streams): r for r in rounds if r.target == "direct"}
+    for lat in rounds:
+        if (base := direct.get((lat.round, lat.streams))) is not None:
+            lat.added_ttft_ms = _added(lat.ttft_ms, base.ttft_ms)
+            lat.added_total_ms = _added(lat.total_ms, base.total_ms)
+    return [
+        msgspec.structs.replace(
+            group[0],
+            rounds=len(group),
+            ttft_ms=_median_percentiles([r.ttft_ms for r in group]),
+            total_ms=_median_percentiles([r.total_ms for r in group]),
+            added_ttft_ms=_median_added([r.added_ttft_ms for r in group]),
+            added_total_ms=_median_added([r.added_total_ms for r in group]),
+            errors=_summed_errors(group),
+        )
+        for group in _groups(rounds, lambda r: (r.target, r.streams))
+    ]
+
+
+def _first_byte_medians(rounds: list[FirstByteRow]) -> list[FirstByteRow]:
+    """First byte added over direct on the same kind of connection within each round, then
+    per target and connection the medians."""
+    direct = {(r.round, r.connection): r for r in rounds if r.target == "direct"}
+    for fb in rounds:
+        if (base := direct.get((fb.round, fb.connection))) is not None:
             fb.added_first_byte_ms = _added(fb.first_byte_ms, base.first_byte_ms)
-    bare = {r.call: r.requests_per_proxy_core_s for r in report.short_calls
+    return [
+        msgspec.structs.replace(
+            group[0],
+            rounds=len(group),
+            first_byte_ms=_median_percentiles([r.first_byte_ms for r in group]),
+            total_ms=_median_percentiles([r.total_ms for r in group]),
+            proxy_cpu_us_per_request=_median([r.proxy_cpu_us_per_request for r in group]),
+            added_first_byte_ms=_median_added([r.added_first_byte_ms for r in group]),
+            errors=_summed_errors(group),
+        )
+        for group in _groups(rounds, lambda r: (r.target, r.connection))
+    ]
+
+
+def _short_call_medians(rounds: list[ShortCallsRow]) -> list[ShortCallsRow]:
+    """One row per target and call: the median round by requests per core, its ratio the
+    median of the ratios to the bare relay taken within each round (minutes apart at most)."""
+    bare = {(r.round, r.call): r.requests_per_proxy_core_s for r in rounds
             if r.target == "aiohttp-relay"}  # fmt: skip
-    for sc in report.short_calls:
-        sc.per_core_vs_bare_relay = _ratio(sc.requests_per_proxy_core_s, bare.get(sc.call))
+    for sc in rounds:
+        base = bare.get((sc.round, sc.call))
+        sc.per_core_vs_bare_relay = _ratio(sc.requests_per_proxy_core_s, base)
+    medians = []
+    for group in _groups(rounds, lambda r: (r.target, r.call)):
+        ranked = sorted(group, key=lambda r: r.requests_per_proxy_core_s or 0.0)
+        middle = msgspec.structs.replace(ranked[(len(ranked) - 1) // 2], rounds=len(group))
+        per_core = [x for r in ranked if (x := r.requests_per_proxy_core_s) is not None]
+        if per_core:
+            middle.requests_per_proxy_core_s = statistics.median(per_core)
+            middle.per_core_range = (per_core[0], per_core[-1])
+        middle.per_core_vs_bare_relay = _median([r.per_core_vs_bare_relay for r in group])
+        medians.append(middle)
+    return medians
 
 
 def _paced_medians(rounds: list[PacedRow]) -> list[PacedRow]:
@@ -207,6 +306,7 @@ LATENCY = _cols("""
     +total p50=added_total_ms.p50
     +total p99=added_total_ms.p99
     samples=total_ms.samples
+    rounds=rounds
     errors=errors
 """)
 SLOW = _cols("""
@@ -232,6 +332,7 @@ FIRST_BYTE = _cols("""
     total p99=total_ms.p99
     cpu_us/req=proxy_cpu_us_per_request
     samples=first_byte_ms.samples
+    rounds=rounds
     errors=errors
 """)
 SHORT_CALLS = _cols("""
@@ -242,7 +343,9 @@ SHORT_CALLS = _cols("""
     cpu_us/req=proxy_cpu_us_per_request
     user_us=proxy_user_us_per_request
     req/s/core=requests_per_proxy_core_s
+    min-max=per_core_range
     x bare relay=per_core_vs_bare_relay
+    rounds=rounds
     proxy_cores=proxy_cpu_cores
     saturated=saturated
     foreign=foreign_cores

@@ -98,6 +98,10 @@ class LatencyRow(msgspec.Struct, kw_only=True):
     errors: dict[str, int]
     added_ttft_ms: Added | None = None
     added_total_ms: Added | None = None
+    #: with several rounds: which one (a round row), or how many (the summary row, whose
+    #: figures are the medians of the rounds')
+    round: int = 1
+    rounds: int = 1
 
 
 class SlowRow(msgspec.Struct, kw_only=True):
@@ -130,6 +134,10 @@ class FirstByteRow(msgspec.Struct, kw_only=True):
     proxy_cpu_us_per_request: float | None
     errors: dict[str, int]
     added_first_byte_ms: Added | None = None
+    #: with several rounds: which one (a round row), or how many (the summary row, whose
+    #: figures are the medians of the rounds')
+    round: int = 1
+    rounds: int = 1
 
 
 class ShortCallsRow(msgspec.Struct, kw_only=True):
@@ -147,8 +155,14 @@ class ShortCallsRow(msgspec.Struct, kw_only=True):
     foreign_cores: float | None
     load_cpu_cores: float
     errors: dict[str, int]
-    #: requests per proxy core against the bare aiohttp relay's, same call, same run
+    #: requests per proxy core against the bare aiohttp relay's, same call; in a summary row,
+    #: the median of the ratios taken within each round
     per_core_vs_bare_relay: float | None = None
+    #: with several rounds: which one (a round row), or how many (the summary row), and the
+    #: lowest and highest requests per proxy core over the rounds
+    round: int = 1
+    rounds: int = 1
+    per_core_range: tuple[float, float] | None = None
 
 
 @dataclass(slots=True)

@@ -64,6 +64,7 @@ def test_tiny_per_request_run_has_a_row_per_target_connection_and_call(tmp_path:
         sys.executable, "-m", "bench", "--no-pin",
         "--targets", "direct,aiohttp-relay,gateway-team", "--scenarios", "first-byte,short-calls",
         "--first-byte-requests", "20", "--short-calls-concurrency", "4",
+        "--request-rounds", "2",
         "--warmup", "0.3", "--window", "0.5", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, check=True, timeout=120, capture_output=True)
@@ -76,11 +77,14 @@ def test_tiny_per_request_run_has_a_row_per_target_connection_and_call(tmp_path:
     assert set(first_byte) == {(t, c) for t in targets for c in ("keep-alive", "new")}
     for (target, _), row in first_byte.items():
         assert row["errors"] == {}
-        assert row["first_byte_ms"]["samples"] == 20  # all measured, none from the warm-up
+        assert row["first_byte_ms"]["samples"] == 40  # 2 rounds of 20, none from the warm-up
+        assert row["rounds"] == 2
         assert (row["proxy_cpu_us_per_request"] is None) == (target == "direct")
     assert first_byte["direct", "new"]["added_first_byte_ms"] == {"p50": 0.0, "p99": 0.0}
     short = {(r["target"], r["call"]): r for r in report["short_calls"]}
     assert set(short) == {(t, c) for t in targets for c in ("chat", "embeddings")}
+    # direct has no CPU figure to repeat; the proxies ran a window per round
+    assert [r["rounds"] for r in short.values()] == [1, 1, 2, 2, 2, 2]
     for row in short.values():
         assert row["errors"] == {}
         assert row["requests_per_s"] > 0  # answers checked byte for byte, behind a team key

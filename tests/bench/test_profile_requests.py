@@ -18,7 +18,10 @@ def test_profile_lists_calls_per_request_by_layer_and_by_step() -> None:
     assert "!!" not in out  # every answer came back byte-exact
     streams, calls = out.split("== (ii) 20 sequential non-streaming chat calls")
     assert "== (i) 20 sequential keep-alive streams of 3 events" in streams
-    for part in (streams, calls):
+    calls, new_connections = calls.split(
+        "== (iii) 20 sequential streams of 3 events, a new connection each"
+    )
+    for part in (streams, calls, new_connections):
         layers = dict(
             (name, float(count))
             for count, name in re.findall(r"^ +([0-9.]+)  ([a-z_ ]+[a-z])$", part, re.M)
@@ -32,4 +35,5 @@ def test_profile_lists_calls_per_request_by_layer_and_by_step() -> None:
         assert steps["team limits: admit, usage headers, settle"] > 1
     batched = re.compile(r"gateway/meter_batch\.py:\d+ run$", re.M)
     assert batched.search(streams)  # a stream's pieces are metered in batches
+    assert batched.search(new_connections)
     assert not batched.search(calls)  # a JSON answer is metered whole
