@@ -20,7 +20,8 @@ import functools
 from typing import Any
 
 from .app_state import Components
-from .config import Team, TeamKey, TeamLimits, named_key
+from .auth import Caller
+from .config import Team, TeamKey, TeamLimits
 from .context import RequestContext
 from .errors import RateLimitExceeded, ServiceUnavailable
 from .limits import (
@@ -33,7 +34,7 @@ from .limits import (
 )
 from .pricing import Rates
 from .routing import RouteMatch
-from .spend import Subject, subjects_of
+from .spend import Subject
 from .tokens import Tokenizer, estimate_prompt_tokens
 
 #: above this many body bytes, the prompt estimate runs in a thread, off the event loop
@@ -99,23 +100,22 @@ async def leave_gate(comp: Components, gate: InflightGate) -> None:
 async def admit(
     comp: Components,
     ctx: RequestContext,
-    team: Team | None,
+    caller: Caller | None,
     match: RouteMatch,
     doc: dict[str, Any] | None,
     body: bytes,
 ) -> Admitted:
-    """Estimate the prompt and, for a team, reserve it and the answer against its limits."""
+    """Estimate the prompt and, for a team's caller, reserve it and the answer against its
+    limits."""
     estimate = await _estimate(doc, body, comp.tokenizers[match.route.tokenizer])
     model = doc.get("model") if doc is not None else None
     rates = comp.spend.rates_for(model if isinstance(model, str) else None)
-    if team is None:
+    if caller is None:
         return Admitted(estimate, [], rates=rates)
-    key = named_key(team, ctx.key)
-    subjects = subjects_of(team, key)
-    await comp.spend.check(subjects)
+    await comp.spend.check(caller.subjects)
     reserve = estimate + _max_tokens(doc, comp.settings.limits.default_max_tokens)
-    admissions = await _admit_team(comp, ctx, team, key, match, reserve, estimate)
-    return Admitted(estimate, admissions, subjects, rates)
+    admissions = await _admit_team(comp, ctx, caller.team, caller.key, match, reserve, estimate)
+    return Admitted(estimate, admissions, caller.subjects, rates)
 
 
 async def _estimate(doc: dict[str, Any] | None, body: bytes, tokenizer: Tokenizer) -> int:

@@ -36,10 +36,10 @@ from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .app_state import COMPONENTS, CTX, REQUEST_COMPONENTS, TEAM, Components
+from .app_state import CALLER, COMPONENTS, CTX, REQUEST_COMPONENTS, Components
 from .auth import Authenticator
 from .balancer import Balancer
-from .config import Settings, Upstream, named_key
+from .config import Settings, Upstream
 from .context import RequestContext
 from .errors import (
     BadRequest,
@@ -292,12 +292,11 @@ def refuse_while_draining(comp: Components) -> None:
 
 def authenticate(comp: Components, request: web.Request, ctx: RequestContext) -> None:
     """Name the request's team from its key (Unauthorized, a 401, for a bad one)."""
-    found = comp.auth.identify(request.headers.get("Authorization"))
-    if found is not None:
-        team, key = found
-        request[TEAM] = team
-        ctx.team = team.name
-        ctx.key = None if key is None else key.name
+    caller = comp.auth.identify(request.headers.get("Authorization"))
+    if caller is not None:
+        request[CALLER] = caller
+        ctx.team = caller.team.name
+        ctx.key = None if caller.key is None else caller.key.name
 
 
 # -- handlers that are not the proxy ----------------------------------------------------------
@@ -323,12 +322,11 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """The caller's own team's and key's spend and remaining budgets (never another team's)."""
-    team = request.get(TEAM)
-    if team is None:
+    caller = request.get(CALLER)
+    if caller is None:
         raise BadRequest("Usage is kept per team: this gateway has no teams configured.")
     comp = request.app[COMPONENTS]
-    key = named_key(team, request[CTX].key)
-    return web.json_response(await comp.spend.usage(team, key), dumps=_dumps)
+    return web.json_response(await comp.spend.usage(caller.team, caller.key), dumps=_dumps)
 
 
 def _dumps(obj: object) -> str:

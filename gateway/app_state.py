@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import Authenticator
+from .auth import Authenticator, Caller
 from .balancer import Balancer
-from .config import Settings, Team
+from .config import Settings
 from .context import RequestContext
 from .limits import InflightGate, Limiter
 from .logs import request_logger
@@ -126,17 +126,17 @@ class Components:
 
 COMPONENTS = web.AppKey("components", Components)
 CTX = web.RequestKey("ctx", RequestContext)
-TEAM = web.RequestKey("team", Team)
+#: who sent the request, when the gateway has teams (gateway.auth)
+CALLER = web.RequestKey("caller", Caller)
 #: the app's COMPONENTS, fetched once by the first middleware for the rest of the request
 #: (`request.app[COMPONENTS]` is three calls through aiohttp's properties each time)
 REQUEST_COMPONENTS = web.RequestKey("components", Components)
 __all__ = [
+    "CALLER",
     "COMPONENTS",
     "CTX",
     "REQUEST_COMPONENTS",
-    "TEAM",
     "ClientTimeouts",
     "Components",
     "Lifecycle",
-    "Team",
 ]

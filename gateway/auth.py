@@ -1,48 +1,46 @@
-"""Gateway keys to teams.
+"""Gateway keys to callers: the team, the named key, and whom their spend is charged to.
 
 Keys are held only as SHA-256 digests (plaintext keys from the configuration are hashed at
-start-up). A presented key is hashed and compared against every digest with
-`hmac.compare_digest`, without stopping at the first match, so timing tells nothing about which
-key or team is near.
+start-up). A presented key is hashed and its digest looked up in a table built once per
+configuration, so a request costs the same with one key or ten thousand. The lookup compares
+digests, never keys: how long it takes can only tell about the digest of the key the caller
+sent, which the caller knows already, and nothing about which stored key or team is near.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
+from dataclasses import dataclass
 
 from .config import Settings, Team, TeamKey, team_key_entries
 from .errors import Unauthorized
+from .spend import Subject, subjects_of
 
-#: who presented a key: its team, and the key's named entry (None for a plain string key)
-Identity = tuple[Team, TeamKey | None]
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who presented a key: its team, the key's named entry (None for a plain string key),
+    and the subjects its spend is charged to (built here once, not per request)."""
+
+    team: Team
+    key: TeamKey | None
+    subjects: tuple[Subject, ...]
 
 
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth_enabled
-        self._digests: list[tuple[bytes, Identity]] = [
-            (bytes.fromhex(digest), (team, entry))
-            for team in settings.teams
-            for digest, entry in team_key_entries(team)
-        ]
+        self._callers: dict[bytes, Caller] = {}
+        for team in settings.teams:
+            for digest, entry in team_key_entries(team):  # unique: the config checks it
+                self._callers[bytes.fromhex(digest)] = Caller(team, entry, subjects_of(team, entry))
 
-    def team_for(self, authorization: str | None) -> Team | None:
-        """The team a request belongs to; None when auth is off. Raises Unauthorized."""
-        found = self.identify(authorization)
-        return None if found is None else found[0]
-
-    def identify(self, authorization: str | None) -> Identity | None:
-        """The team and named key a request belongs to; None when auth is off. Raises
-        Unauthorized."""
+    def identify(self, authorization: str | None) -> Caller | None:
+        """The caller a request's key names; None when auth is off. Raises Unauthorized."""
         if not self.enabled:
             return None
         key = _bearer(authorization)
-        presented = hashlib.sha256(key.encode()).digest()
-        found: Identity | None = None
-        for digest, identity in self._digests:
-            if hmac.compare_digest(digest, presented):
-                found = identity
+        found = self._callers.get(hashlib.sha256(key.encode()).digest())
         if found is None:
             raise Unauthorized("Incorrect API key provided.")
         return found

@@ -422,10 +422,3 @@ def team_key_entries(team: Team) -> list[tuple[str, TeamKey | None]]:
 def named_keys(team: Team) -> list[TeamKey]:
     """A team's keys that have a name (and maybe limits and budgets of their own)."""
     return [entry for entry in team.keys if isinstance(entry, TeamKey)]
-
-
-def named_key(team: Team, name: str | None) -> TeamKey | None:
-    """A team's key by its name (None for None: a plain string key)."""
-    if name is None:
-        return None
-    return next((key for key in named_keys(team) if key.name == name), None)

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .admission import admit, enter_gate, leave_gate
-from .app_state import CTX, REQUEST_COMPONENTS, TEAM, Components
+from .app_state import CALLER, CTX, REQUEST_COMPONENTS, Components
 from .balancer import RoutePlan, affinity_key
 from .client_response import prepare_stream
 from .config import Route
@@ -67,7 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         ctx.model, ctx.stream = match.label, parsed.stream
         gate = await enter_gate(comp, ctx)
         try:
-            admitted = await admit(comp, ctx, request.get(TEAM), match, parsed.doc, parsed.body)
+            admitted = await admit(comp, ctx, request.get(CALLER), match, parsed.doc, parsed.body)
             ledger = Ledger(comp, ctx, match, admitted, parsed.tail)
             try:
                 return await _serve(request, ledger, parsed)

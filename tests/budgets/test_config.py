@@ -38,12 +38,15 @@ limits: {{budget_timezone: Europe/Berlin}}
     team = settings.teams[0]
     assert settings.budgets_enabled and team.budgets.caps() == {"tokens_per_month": 1000}
     auth = Authenticator(settings)
-    assert auth.identify("Bearer sk-plain") == (team, None)
+    plain = auth.identify("Bearer sk-plain")
+    assert plain is not None and (plain.team, plain.key) == (team, None)
+    assert [s.id for s in plain.subjects] == ["team:search"]
     found = auth.identify("Bearer sk-ci")
-    assert found is not None and isinstance(found[1], TeamKey)
-    assert found[1].name == "ci-bot" and found[1].budgets.caps() == {"usd_per_day": 20}
+    assert found is not None and isinstance(found.key, TeamKey)
+    assert found.key.name == "ci-bot" and found.key.budgets.caps() == {"usd_per_day": 20}
+    assert [s.id for s in found.subjects] == ["team:search", "team:search:key:ci-bot"]
     hashed = auth.identify("Bearer sk-hashed")
-    assert hashed is not None and hashed[1] is not None and hashed[1].name == "batch"
+    assert hashed is not None and hashed.key is not None and hashed.key.name == "batch"
     with pytest.raises(Unauthorized):
         auth.identify("Bearer ci-bot")  # a key's name is not a key
 
