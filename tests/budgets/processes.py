@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import aiohttp
 import orjson
 from redis.asyncio import Redis
 
-from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
+from tests.deploy.gateway_process import GatewayProcess
 
 TEAM, TEAM_KEY = "search", "sk-budget-search-5d1e"
 BODY = {"model": "sim-1", "messages": [{"role": "user", "content": "Tell me a story"}]}
@@ -67,21 +66,6 @@ async def stop(gateway: GatewayProcess, sig: signal.Signals = signal.SIGTERM) ->
 
 async def read_log(gateway: GatewayProcess) -> str:
     return await asyncio.to_thread(Path(gateway.log_path).read_text, "utf-8")
-
-
-@asynccontextmanager
-async def gateway_process(
-    config: Mapping[str, Any], workdir: Path
-) -> AsyncIterator[GatewayProcess]:
-    """`running_gateway_process` (blocking: it waits for readiness) entered and left in a
-    thread, so an async test's event loop never blocks."""
-    await asyncio.to_thread(workdir.mkdir)
-    manager = running_gateway_process(config, workdir)
-    gateway = await asyncio.to_thread(manager.__enter__)
-    try:
-        yield gateway
-    finally:
-        await asyncio.to_thread(manager.__exit__, None, None, None)
 
 
 async def redis_team_tokens(redis_url: str, period: str, team: str = TEAM) -> int:

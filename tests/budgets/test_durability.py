@@ -19,13 +19,12 @@ from typing import Any
 import aiohttp
 
 from gateway.spend_store import read_state_file
-from tests.deploy.gateway_process import GatewayProcess
+from tests.deploy.gateway_process import GatewayProcess, gateway_process
 from tests.e2e_limits.helpers import bulk_session
 
 from .processes import (
     TEAM,
     TEAM_KEY,
-    gateway_process,
     read_log,
     request_lines,
     sim_config,

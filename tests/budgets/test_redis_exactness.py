@@ -10,14 +10,13 @@ with `pytest -s` to see the figures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
+from tests.deploy.gateway_process import GatewayProcess, running_gateway_processes
 from tests.e2e_limits.helpers import bulk_session
 
 from .processes import read_log, redis_team_tokens, request_lines, sim_config, stop, stream, tokens
@@ -29,12 +28,7 @@ STREAMS, IN_FLIGHT, BUDGET = 600, 60, 6000
 def three_gateways(redis_url: str, tmp_path: Path) -> Iterator[list[GatewayProcess]]:
     limits = {"backend": "redis", "redis_url": redis_url, "on_backend_error": "fail_closed"}
     config = sim_config(limits, {"tokens_per_day": BUDGET})
-    with contextlib.ExitStack() as stack:
-        gateways = []
-        for i in range(3):
-            workdir = tmp_path / f"gateway{i}"
-            workdir.mkdir()
-            gateways.append(stack.enter_context(running_gateway_process(config, workdir)))
+    with running_gateway_processes(config, tmp_path, 3) as gateways:
         yield gateways
 
 

@@ -8,12 +8,13 @@ synchronous fixtures only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,34 @@ def running_gateway_process(
         yield gateway
     finally:
         _stop(process, float(config.get("shutdown_grace_s", 30)) + 5)
+
+
+@contextlib.contextmanager
+def running_gateway_processes(
+    config: Mapping[str, Any], workdir: Path, count: int
+) -> Iterator[list[GatewayProcess]]:
+    """`count` gateways on one configuration, each with its own port and a folder of its own
+    below `workdir` (replicas sharing a backend)."""
+    with contextlib.ExitStack() as stack:
+        gateways = []
+        for i in range(count):
+            folder = workdir / f"gateway{i}"
+            folder.mkdir()
+            gateways.append(stack.enter_context(running_gateway_process(config, folder)))
+        yield gateways
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    config: Mapping[str, Any], workdir: Path
+) -> AsyncIterator[GatewayProcess]:
+    """`running_gateway_process` (blocking: it waits for readiness and for the exit) entered
+    and left in a thread, so an async test's event loop never blocks; `workdir` is made if
+    missing."""
+    await asyncio.to_thread(workdir.mkdir, exist_ok=True)
+    manager = running_gateway_process(config, workdir)
+    gateway = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield gateway
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)

@@ -25,7 +25,7 @@ import msgspec
 import orjson
 
 from gateway.config import Limits
-from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
+from tests.deploy.gateway_process import GatewayProcess, gateway_process
 from tests.support.gateway import running_gateway
 
 from .held_upstream import HeldUpstream, held_upstream
@@ -60,17 +60,6 @@ def gateway_config(upstream: HeldUpstream) -> dict[str, Any]:
         "routes": [{"models": [TEST_LABEL], "upstreams": ["up"], "tokenizer": "chunks"}],
         "teams": [{"name": TEAM, "keys": [TEAM_KEY]}],
     }
-
-
-@asynccontextmanager
-async def gateway_process(config: dict[str, Any], workdir: Path) -> AsyncIterator[GatewayProcess]:
-    """`python -m gateway` started and stopped off the event loop (both block)."""
-    manager = running_gateway_process(config, workdir)
-    gateway = await asyncio.to_thread(manager.__enter__)
-    try:
-        yield gateway
-    finally:
-        await asyncio.to_thread(manager.__exit__, None, None, None)
 
 
 def _rss_bytes(pid: int) -> int:

@@ -8,13 +8,12 @@ On one process (the local backend: one event-loop step decides and counts) and o
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.gateway_process import GatewayProcess, running_gateway_process
+from tests.deploy.gateway_process import GatewayProcess, running_gateway_processes
 from tests.support.gateway import running_gateway
 
 from .helpers import (
@@ -80,12 +79,7 @@ async def test_one_process_admits_exactly_100_of_1000_simultaneous_requests() ->
 def three_gateways(redis_url: str, tmp_path: Path) -> Iterator[list[GatewayProcess]]:
     """Three `python -m gateway` processes, each with its own port, sharing one Redis."""
     config = sim_config(redis_url, LIMIT)
-    with contextlib.ExitStack() as stack:
-        gateways = []
-        for i in range(3):
-            workdir = tmp_path / f"gateway{i}"
-            workdir.mkdir()
-            gateways.append(stack.enter_context(running_gateway_process(config, workdir)))
+    with running_gateway_processes(config, tmp_path, 3) as gateways:
         yield gateways
 
 
