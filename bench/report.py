@@ -8,7 +8,7 @@ capacity with two workers against one.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,7 +102,7 @@ def _derive_per_request(report: Report) -> None:
     report.short_calls = _short_call_medians(report.short_calls_rounds or report.short_calls)
 
 
-G = TypeVar("G", LatencyRow, FirstByteRow, ShortCallsRow)
+G = TypeVar("G", LatencyRow, FirstByteRow, ShortCallsRow, PacedRow)
 
 
 def _groups(rows: list[G], key: Callable[[G], tuple[object, ...]]) -> list[list[G]]:
@@ -111,6 +111,15 @@ def _groups(rows: list[G], key: Callable[[G], tuple[object, ...]]) -> list[list[
     for row in rows:
         groups.setdefault(key(row), []).append(row)
     return list(groups.values())
+
+
+def _beside(rows: list[G], base_target: str, load: Callable[[G], object]) -> Iterator[tuple[G, G]]:
+    """Each row with `base_target`'s row of the same round and load, where one was taken:
+    added times and ratios are only ever taken within a round."""
+    bases = {(r.round, load(r)): r for r in rows if r.target == base_target}
+    for row in rows:
+        if (base := bases.get((row.round, load(row)))) is not None:
+            yield row, base
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -144,11 +153,9 @@ def _summed_errors(rows: Sequence[LatencyRow | FirstByteRow]) -> dict[str, int]:
 
 def _latency_medians(rounds: list[LatencyRow]) -> list[LatencyRow]:
     """Added latency over direct within each round, then per target and load the medians."""
-    direct = {(r.round, r.streams): r for r in rounds if r.target == "direct"}
-    for lat in rounds:
-        if (base := direct.get((lat.round, lat.streams))) is not None:
-            lat.added_ttft_ms = _added(lat.ttft_ms, base.ttft_ms)
-            lat.added_total_ms = _added(lat.total_ms, base.total_ms)
+    for lat, base in _beside(rounds, "direct", lambda r: r.streams):
+        lat.added_ttft_ms = _added(lat.ttft_ms, base.ttft_ms)
+        lat.added_total_ms = _added(lat.total_ms, base.total_ms)
     return [
         msgspec.structs.replace(
             group[0],
@@ -166,10 +173,8 @@ def _latency_medians(rounds: list[LatencyRow]) -> list[LatencyRow]:
 def _first_byte_medians(rounds: list[FirstByteRow]) -> list[FirstByteRow]:
     """First byte added over direct on the same kind of connection within each round, then
     per target and connection the medians."""
-    direct = {(r.round, r.connection): r for r in rounds if r.target == "direct"}
-    for fb in rounds:
-        if (base := direct.get((fb.round, fb.connection))) is not None:
-            fb.added_first_byte_ms = _added(fb.first_byte_ms, base.first_byte_ms)
+    for fb, base in _beside(rounds, "direct", lambda r: r.connection):
+        fb.added_first_byte_ms = _added(fb.first_byte_ms, base.first_byte_ms)
     return [
         msgspec.structs.replace(
             group[0],
@@ -187,11 +192,10 @@ def _first_byte_medians(rounds: list[FirstByteRow]) -> list[FirstByteRow]:
 def _short_call_medians(rounds: list[ShortCallsRow]) -> list[ShortCallsRow]:
     """One row per target and call: the median round by requests per core, its ratio the
     median of the ratios to the bare relay taken within each round (minutes apart at most)."""
-    bare = {(r.round, r.call): r.requests_per_proxy_core_s for r in rounds
-            if r.target == "aiohttp-relay"}  # fmt: skip
-    for sc in rounds:
-        base = bare.get((sc.round, sc.call))
-        sc.per_core_vs_bare_relay = _ratio(sc.requests_per_proxy_core_s, base)
+    for sc, bare in _beside(rounds, "aiohttp-relay", lambda r: r.call):
+        sc.per_core_vs_bare_relay = _ratio(
+            sc.requests_per_proxy_core_s, bare.requests_per_proxy_core_s
+        )
     medians = []
     for group in _groups(rounds, lambda r: (r.target, r.call)):
         ranked = sorted(group, key=lambda r: r.requests_per_proxy_core_s or 0.0)
@@ -208,17 +212,10 @@ def _short_call_medians(rounds: list[ShortCallsRow]) -> list[ShortCallsRow]:
 def _paced_medians(rounds: list[PacedRow]) -> list[PacedRow]:
     """One row per target and load: the median round, its ratio the median of the ratios
     taken within each round (nginx measured minutes apart from the target at most)."""
-    nginx = {
-        (r.round, r.streams, r.api): r.proxy_cpu_us_per_event for r in rounds if r.target == "nginx"
-    }
-    for row in rounds:
-        base = nginx.get((row.round, row.streams, row.api))
-        row.ratio_to_nginx = _ratio(row.proxy_cpu_us_per_event, base)
-    groups: dict[tuple[str, str, int], list[PacedRow]] = {}
-    for row in rounds:
-        groups.setdefault((row.api, row.target, row.streams), []).append(row)
+    for row, nginx in _beside(rounds, "nginx", lambda r: (r.streams, r.api)):
+        row.ratio_to_nginx = _ratio(row.proxy_cpu_us_per_event, nginx.proxy_cpu_us_per_event)
     medians = []
-    for group in groups.values():
+    for group in _groups(rounds, lambda r: (r.api, r.target, r.streams)):
         costs = sorted(c for r in group if (c := r.proxy_cpu_us_per_event) is not None)
         ratios = [x for r in group if (x := r.ratio_to_nginx) is not None]
         middle = msgspec.structs.replace(_median_by_cost(group), rounds=len(group))
